@@ -97,7 +97,8 @@ def _fsync_path(path):
 
 
 def _cpu(t, dtype):
-    return t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+    t = t.detach().to(dtype=dtype or t.dtype)
+    return t if t.is_meta else t.to("cpu").contiguous()
 
 
 def _common(values: dict) -> tuple:
@@ -171,7 +172,24 @@ def kohya_name(component: str, model, path: str) -> str:
     """The kohya/LyCORIS module name, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q."""
     if component == "unet" and is_sdxl_unet(model):
         path = sgm_path(path)
+    elif component != "unet" and not path.startswith("text_model."):
+        path = "text_model." + path  # transformers 5's CLIPTextModel dropped the prefix the ecosystem uses
     return EXPORT_PREFIX[component] + path.replace(".", "_")
+
+
+def kohya_state_dict(model: nn.Module, text_encoder: nn.Module | None = None,
+                     text_encoder_2: nn.Module | None = None, *, dtype=None) -> dict[str, torch.Tensor]:
+    """{kohya name + ".hada_w1_a" ...: tensor, kohya name + ".alpha": 0-dim tensor} for every adapter."""
+    tensors = {}
+    for component, module in (("unet", model), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if module is None:
+            continue
+        for path, layer in _require_adapters(module).items():
+            name = kohya_name(component, module, path)
+            for n in FACTOR_NAMES:
+                tensors[f"{name}.{n}"] = _cpu(getattr(layer, n), dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    return tensors
 
 
 def export_kohya(model: nn.Module, file, text_encoder: nn.Module | None = None,
@@ -181,21 +199,15 @@ def export_kohya(model: nn.Module, file, text_encoder: nn.Module | None = None,
 
     An SDXL UNet gets SGM names (lora_unet_input_blocks_4_1_...); any other model plain lora_unet_<path>.
     """
-    tensors, ranks, alphas = {}, Counter(), Counter()
-    for component, module in (("unet", model), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        if module is None:
-            continue
-        for path, layer in _require_adapters(module).items():
-            name = kohya_name(component, module, path)
-            for n in FACTOR_NAMES:
-                tensors[f"{name}.{n}"] = _cpu(getattr(layer, n), dtype)
-            tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
-            ranks[layer.rank] += 1
-            alphas[layer.alpha] += 1
+    tensors = kohya_state_dict(model, text_encoder, text_encoder_2, dtype=dtype)
+    layers = [m for module in (model, text_encoder, text_encoder_2) if module is not None
+              for m in adapter_modules(module).values()]
+    rank = Counter(m.rank for m in layers).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in layers).most_common(1)[0][0]
     meta = {
         "ss_network_module": "lycoris.kohya",
-        "ss_network_dim": str(ranks.most_common(1)[0][0]),
-        "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
         "ss_network_args": json.dumps({"algo": "loha"}),
         "ss_sd_model_name": base_model or "",
         "loha.base_model": base_model or "",
@@ -226,15 +238,21 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if head[:2] == b"PK" or head[:1] == b"\x80":
-                raise LoHaFileError(f"{path.name} is a PyTorch pickle/zip file, not safetensors; it was not opened")
+            # Pickle/zip magic is also a valid header length (0x80 in the low byte: 1 file in 256), so it
+            # only names the error once the bytes fail as safetensors. Nothing is unpickled either way.
+            pickled = LoHaFileError(f"{path.name} is a PyTorch pickle/zip file, not safetensors; it was not opened")
+            looks_pickled = head[:2] == b"PK" or head[:1] == b"\x80"
             if len(head) < 8:
                 raise LoHaFileError(f"{path.name} is not a safetensors file: only {size} bytes long")
             n = int.from_bytes(head, "little")
             if n > size - 8 or n > MAX_HEADER_BYTES:
+                if looks_pickled:
+                    raise pickled
                 raise LoHaFileError(f"{path.name} is truncated or not safetensors: its header claims {n} bytes "
                                     f"but the file has {size}")
             raw = f.read(n)
+            if looks_pickled and not raw.lstrip()[:1] == b"{":
+                raise pickled
     except OSError as e:
         raise LoHaFileError(f"cannot read {path}: {e.strerror or e}") from None
     try:
@@ -529,7 +547,10 @@ def _resolve(adapter: Adapter, component: str, model) -> dict[str, ModuleWeights
     """Map the file's module names for ``component`` to module paths in ``model``."""
     modules = adapter.components[component]
     if adapter.style == "peft":
-        return dict(modules)
+        if component == "unet":
+            return dict(modules)
+        present = dict(model.named_modules())
+        return {_text_model_alias(name, present): mw for name, mw in modules.items()}
     table = {}
     for path, _ in model.named_modules():
         if not path or path.endswith(".base_layer"):
@@ -544,6 +565,14 @@ def _resolve(adapter: Adapter, component: str, model) -> dict[str, ModuleWeights
         raise LoHaFileError(f"{adapter.source}: {len(unknown)} modules in the file do not exist in this "
                             f"{component}, e.g. {unknown[:2]}; this LoHa was trained for a different base model")
     return {table[n]: mw for n, mw in modules.items()}
+
+
+def _text_model_alias(name: str, present) -> str:
+    """CLIP paths with or without "text_model." (transformers 4 vs 5 CLIPTextModel), whichever exists."""
+    if name in present:
+        return name
+    alias = name[len("text_model."):] if name.startswith("text_model.") else "text_model." + name
+    return alias if alias in present else name
 
 
 def _check_fits(entries: dict[str, ModuleWeights], model, source: str, component: str):

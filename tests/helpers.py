@@ -1,0 +1,32 @@
+"""Small shared test helpers: tiny-UNet inputs and random adapter weights."""
+
+import torch
+
+import loha
+from loha.tiny_sdxl import TINY_UNET_CONFIG
+
+
+def unet_inputs(batch=2, size=8, tokens=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = TINY_UNET_CONFIG
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    return dict(
+        sample=torch.randn(batch, 4, size, size, generator=g),
+        timestep=torch.tensor([10, 500][:batch] + [999] * max(0, batch - 2)),
+        encoder_hidden_states=torch.randn(batch, tokens, cfg["cross_attention_dim"], generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g),
+                           "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)},
+    )
+
+
+def run_unet(unet, inputs):
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def randomize_adapters(model, seed=0, std=0.3):
+    """Non-zero factors, so a file that loads as zeros would be caught."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in loha.trainable_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
