@@ -23,16 +23,28 @@ from PIL import Image
 import infer
 import loha
 from loha.tiny_sdxl import TINY_UNET_CONFIG, tiny_unet
+from tests.helpers import randomize_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a cat"
 SEED = 3
 RANK, ALPHA = 4, 2.0
+STD = 0.5  # factor scale: the image moves ~14/255 on average from the base model's, far above rounding
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 # ----------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """On a shared 2-core machine, two OpenMP threads fighting other processes make these tiny models
+    ~20x slower (measured: 1.7 s vs 0.08 s per 64x64 image); one thread is also deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
@@ -62,13 +74,6 @@ def error_of(argv) -> str:
     return message
 
 
-def fill_random(model, seed, std=0.35):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in loha.trainable_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
 def load_base_pipeline(tiny_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -94,7 +99,7 @@ def files(tmp_path_factory, tiny_pipeline_dir):
     tiny = str(tiny_pipeline_dir)
     unet = tiny_unet()
     loha.inject(unet, rank=RANK, alpha=ALPHA)
-    fill_random(unet, seed=1)
+    randomize_adapters(unet, seed=1, std=STD)
     f = {}
 
     # our trainer's output_dir layout: unet/ + kohya export + checkpoint-<step>/unet
@@ -113,7 +118,7 @@ def files(tmp_path_factory, tiny_pipeline_dir):
     loha.save(unet, going / "checkpoint-10" / "unet", base_model=tiny)
     other = tiny_unet()
     loha.inject(other, rank=RANK, alpha=ALPHA)
-    fill_random(other, seed=2)
+    randomize_adapters(other, seed=2, std=STD)
     loha.save(other, going / "checkpoint-2" / "unet", base_model=tiny)
     (going / "checkpoint-11" / "unet").mkdir(parents=True)
     (going / "checkpoint-11" / "unet" / "adapter_config.json").write_text("{}")
@@ -150,7 +155,7 @@ def files(tmp_path_factory, tiny_pipeline_dir):
     te1, te2 = pipe.text_encoder, pipe.text_encoder_2
     for i, te in enumerate((te1, te2)):
         loha.inject(te, rank=RANK, alpha=ALPHA, target_modules=TE_TARGETS)
-        fill_random(te, seed=10 + i, std=0.5)
+        randomize_adapters(te, seed=10 + i, std=STD)
     with_te = root / "with_te"
     for component, model in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
         loha.save(model, with_te / component, base_model=tiny)
@@ -195,7 +200,8 @@ def images(tiny_pipeline_dir, files):
     refs["peft"] = diffusers_image(pipe)
     pipe = load_base_pipeline(tiny_pipeline_dir)
     for component in ("unet", "text_encoder", "text_encoder_2"):
-        setattr(pipe, component, PeftModel.from_pretrained(getattr(pipe, component), files["te: peft folders"] / component))
+        folder = files["te: peft folders"] / component
+        setattr(pipe, component, PeftModel.from_pretrained(getattr(pipe, component), folder))
     refs["peft with te"] = diffusers_image(pipe)
     return refs
 
@@ -259,8 +265,18 @@ def test_scale_is_the_loha_strength(tiny_pipeline_dir, files, ours_image, images
     assert to_base > 1 and to_full > 1
 
 
-def test_fuse_equals_unfused(tiny_pipeline_dir, files, ours_image, tmp_path):
+def test_fuse_equals_unfused(tiny_pipeline_dir, files, ours_image, tmp_path, monkeypatch):
+    merged = []
+
+    def spy(model, **kw):  # the weights really are fused, in every adapted model
+        merge(model, **kw)
+        merged.append(all(layer.merged for layer in loha.adapter_modules(model).values()))
+
+    merge = loha.merge
+    monkeypatch.setattr(loha, "merge", spy)
     fused = one_image(tiny_pipeline_dir, tmp_path, files["te: kohya file"], "--fuse")
+    assert merged == [True, True, True]
+    monkeypatch.undo()
     unfused = one_image(tiny_pipeline_dir, tmp_path / "u", files["te: kohya file"])
     assert np.abs(fused - unfused).max() <= 1  # fp32: ΔW folded once vs added per call
     assert np.abs(fused - ours_image).mean() > 2
@@ -285,7 +301,8 @@ def test_compare_writes_base_and_loha_side_by_side(tiny_pipeline_dir, files, ima
 
 def test_batching_and_seeds_do_not_change_an_image(tiny_pipeline_dir, files, ours_image, tmp_path):
     paths = run_infer(tiny_pipeline_dir, tmp_path, "--checkpoint", str(files["kohya SGM names"]),
-                      "--num_images", "3", "--batch_size", "2", "--seed", str(SEED - 1), "--prompt", "a dog")
+                      "--num_images", "3", "--batch_size", "2", "--seed", str(SEED - 1), "--prompt", PROMPT,
+                      "--prompt", "a dog", prompt=None)
     # two prompts, three images each; a sort follows prompt then image, and names carry the seed
     assert [p.name for p in paths] == sorted(p.name for p in paths)
     assert [p.name for p in paths][:4] == [f"000-000-seed{SEED - 1}.png", f"000-001-seed{SEED}.png",
@@ -297,8 +314,12 @@ def test_batching_and_seeds_do_not_change_an_image(tiny_pipeline_dir, files, our
 
 
 def test_schedulers(tiny_pipeline_dir, files, tmp_path):
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
 
     config = load_base_pipeline(tiny_pipeline_dir).scheduler.config
     expected = {"Euler": EulerDiscreteScheduler, "Euler a": EulerAncestralDiscreteScheduler,
@@ -315,6 +336,22 @@ def test_schedulers(tiny_pipeline_dir, files, tmp_path):
     (path,) = run_infer(tiny_pipeline_dir, tmp_path, "--checkpoint", str(files["kohya SGM names"]),
                         "--scheduler", "dpm++ 2m karras")
     assert Image.open(path).text["scheduler"] == "DPM++ 2M Karras"
+
+
+def test_notebook_recipe_from_the_readme(tiny_pipeline_dir, files, ours_image, images):
+    pipe = load_base_pipeline(tiny_pipeline_dir)
+    loha.load(pipe.unet, files["peft folder (ours)"])
+    full = diffusers_image(pipe)
+    np.testing.assert_array_equal(full, ours_image)  # what infer.py renders for these weights
+    loha.set_scale(pipe.unet, 0)
+    np.testing.assert_array_equal(diffusers_image(pipe), images["base"])
+    loha.set_scale(pipe.unet, 1)
+    loha.merge(pipe.unet)
+    assert np.abs(diffusers_image(pipe) - full).max() <= 1
+    loha.unmerge(pipe.unet)
+    np.testing.assert_array_equal(diffusers_image(pipe), full)
+    loha.eject(pipe.unet)
+    np.testing.assert_array_equal(diffusers_image(pipe), images["base"])
 
 
 # ----------------------------------------------------------------------------------- metadata
@@ -382,6 +419,11 @@ def test_error_unknown_formats(files, tmp_path):
     text = tmp_path / "readme.safetensors"
     text.write_text("# not a model at all, just some text that is long enough")
     assert "not safetensors" in error_of(["--checkpoint", str(text), "--prompt", "x"])
+    old_peft = tmp_path / "old_peft"  # PEFT's pre-safetensors layout
+    old_peft.mkdir()
+    (old_peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 4, "alpha": 4}))
+    (old_peft / "adapter_model.bin").write_bytes(b"\x80\x04N.")
+    assert "pickle" in error_of(["--checkpoint", str(old_peft), "--prompt", "x"])
     empty_run = tmp_path / "run"
     (empty_run / "checkpoint-5").mkdir(parents=True)
     assert "none of its 1 checkpoint" in error_of(["--checkpoint", str(empty_run), "--prompt", "x"])
@@ -436,6 +478,17 @@ def test_error_adapter_for_another_base_model(tiny_pipeline_dir, tmp_path):
     assert "this LoHa was trained for a different base model" in message
 
 
+def test_error_sd1_file_on_sdxl(files, tmp_path):
+    # a kohya SD 1.5 LoHa: one text encoder, keyed lora_te_ (SDXL's are lora_te1_/lora_te2_)
+    sd1 = tmp_path / "sd15_loha.safetensors"
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    factors = {f"{name}.hada_w1_a": torch.ones(32, 2), f"{name}.hada_w1_b": torch.ones(2, 32),
+               f"{name}.hada_w2_a": torch.ones(32, 2), f"{name}.hada_w2_b": torch.ones(2, 32),
+               f"{name}.alpha": torch.tensor(2.0)}
+    safetensors.torch.save_file(factors, sd1, metadata={"ss_base_model_version": "sd_v1"})
+    assert "trained for a different base model" in error_of(["--checkpoint", str(sd1), "--prompt", "x"])
+
+
 def test_error_empty_prompt_list(files, tmp_path):
     assert "no prompts" in error_of(["--checkpoint", str(files["kohya SGM names"])])
     blank = tmp_path / "prompts.txt"
@@ -464,7 +517,7 @@ def test_error_bad_flags(files):
 # ----------------------------------------------------------------------------------- the real CLI
 def _cli(*argv):
     return subprocess.run([sys.executable, str(REPO / "infer.py"), *argv], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=120)
 
 
 def test_cli_prints_written_paths(tiny_pipeline_dir, files, tmp_path):
@@ -485,3 +538,59 @@ def test_cli_error_is_one_line_and_non_zero(files, tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "truncated" in last
+
+
+# ----------------------------------------------------------------------------------- a real training run
+@pytest.fixture(scope="module")
+def trained_run(tiny_pipeline_dir, tmp_path_factory):
+    """Two steps of train_loha_sdxl.py with text-encoder LoHa, a checkpoint at each step."""
+    train = pytest.importorskip("train_loha_sdxl")
+    from accelerate.state import AcceleratorState, GradientState
+
+    root = tmp_path_factory.mktemp("trained")
+    argv = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir",
+            str(REPO / "examples" / "data"), "--resolution", "64", "--train_batch_size", "1",
+            "--max_train_steps", "2", "--checkpointing_steps", "1", "--learning_rate", "3e-2",
+            "--train_text_encoder", "--output_dir", str(root / "out"), "--feature_cache_dir", str(root / "cache"),
+            "--report_to", "none", "--output_name", "mine"]
+    try:
+        assert train.main(argv) == 0
+    finally:  # accelerate keeps process-wide state
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return root / "out"
+
+
+def test_trained_output_dir_checkpoints_and_export_give_one_image(trained_run, tiny_pipeline_dir, images, tmp_path,
+                                                                  capsys):
+    out = trained_run
+    assert {"unet", "text_encoder", "text_encoder_2", "mine.safetensors", "checkpoint-2"} <= {
+        p.name for p in out.iterdir()}
+    final = one_image(tiny_pipeline_dir, tmp_path / "final", out, base=False)  # base model from the metadata
+    assert np.abs(final - images["base"]).mean() > 2  # the trained adapter (incl. text encoders) shows
+    for name, path in [("checkpoint", out / "checkpoint-2"), ("kohya export", out / "mine.safetensors")]:
+        np.testing.assert_array_equal(one_image(tiny_pipeline_dir, tmp_path / name, path, base=False), final,
+                                      err_msg=name)
+    # a run without its final folders yet resolves to its newest checkpoint
+    running = tmp_path / "running"
+    running.mkdir()
+    for step in (1, 2):
+        (running / f"checkpoint-{step}").symlink_to(out / f"checkpoint-{step}", target_is_directory=True)
+    np.testing.assert_array_equal(one_image(tiny_pipeline_dir, tmp_path / "running_out", running, base=False), final)
+    assert "latest complete checkpoint, checkpoint-2" in capsys.readouterr().err
+
+
+def test_fuse_in_bf16_stays_within_bf16_tolerance(tiny_pipeline_dir, files, ours_image, tmp_path):
+    # both paths round W + ΔW (summed in fp32) to bf16, once (--fuse) or per call (measured: identical here)
+    fused = one_image(tiny_pipeline_dir, tmp_path / "f", files["kohya SGM names"], "--dtype", "bf16", "--fuse")
+    unfused = one_image(tiny_pipeline_dir, tmp_path / "u", files["kohya SGM names"], "--dtype", "bf16")
+    assert np.abs(fused - unfused).mean() < 0.5, np.abs(fused - unfused).mean()
+    assert np.abs(fused - unfused).max() <= 8
+    assert np.abs(unfused - ours_image).max() > 0  # --dtype bf16 really ran in bf16
+
+
+def test_error_base_model_not_found(files, tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    message = error_of(["--checkpoint", str(files["kohya SGM names"]), "--prompt", "x",
+                        "--pretrained_model_name_or_path", missing, "--output_dir", str(tmp_path)])
+    assert "neither a folder here nor a hub id" in message

@@ -1,0 +1,389 @@
+"""Generate images with SDXL and a LoHa adapter, whatever wrote the adapter.
+
+    python infer.py --checkpoint out/ --prompt "a photo of sks dog" --compare
+
+--checkpoint takes a training output_dir (or, if it has no final unet/ yet, its latest complete
+checkpoint-<step>/), a checkpoint-<step>/ folder, a PEFT LoHa folder (ours or PEFT's), a bare
+adapter_model.safetensors, or a kohya/LyCORIS single .safetensors file. diffusers' load_lora_weights
+cannot load LoHa in any of these layouts; loha.load does, strictly.
+
+Each PNG carries its generation parameters in AUTOMATIC1111's "parameters" text chunk and as separate
+keys. Paths of the written files go to stdout, everything else to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+import loha
+
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM")  # AUTOMATIC1111's names
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+class InferError(Exception):
+    """A problem with the command line or its inputs: reported as one line, exit status 1."""
+
+
+# ------------------------------------------------------------------------------------ arguments
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise InferError(f"{message} (see python infer.py --help)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="training output_dir, checkpoint-<step>/, PEFT LoHa "
+                   "folder, adapter_model.safetensors, or kohya/LyCORIS .safetensors file")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help=f"hub id or local folder; default: the checkpoint's metadata, else {DEFAULT_BASE_MODEL}")
+    p.add_argument("--vae", default=None, help="a fixed VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--negative_prompt", default=None, help="one for all prompts")
+    p.add_argument("--num_images", type=int, default=1,
+                   help="images per prompt; image i gets seed --seed + i (default %(default)s)")
+    p.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image (default %(default)s)")
+    p.add_argument("--num_inference_steps", type=int, default=30, help="sampling steps (default %(default)s)")
+    p.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (default %(default)s)")
+    for side in ("--height", "--width"):
+        p.add_argument(side, type=int, default=None, help="pixels, a multiple of 8; default: the model's (SDXL: 1024)")
+    p.add_argument("--scheduler", default="Euler", type=scheduler_name,
+                   help=f"one of {', '.join(SCHEDULERS)} (default %(default)s; case and _/- do not matter)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="auto: CUDA, else MPS, else CPU")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                   help="auto: fp16 on CUDA/MPS, fp32 on CPU")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="LoHa strength (default %(default)s); 0 gives exactly the base model's image")
+    p.add_argument("--fuse", action="store_true", help="merge ΔW into the weights before sampling (no per-step cost)")
+    p.add_argument("--compare", action="store_true",
+                   help="also render the base model with the same seeds and save base | LoHa grids")
+    p.add_argument("--output_dir", default="outputs",
+                   help="PNGs go here; same names are overwritten (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def scheduler_name(text: str) -> str:
+    key = lambda s: re.sub(r"[\s_-]+", " ", s.lower().replace("dpmpp", "dpm++")).strip()
+    for name in SCHEDULERS:
+        if key(text) == key(name):
+            return name
+    raise argparse.ArgumentTypeError(f"unknown scheduler {text!r}; choose from {', '.join(SCHEDULERS)}")
+
+
+def check_args(args) -> list[str]:
+    """Everything that can be checked before loading a model. Returns the prompts."""
+    for flag in ("num_images", "batch_size", "num_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise InferError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and (value < 8 or value % 8):
+            raise InferError(f"--{flag} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+    if not math.isfinite(args.scale) or not math.isfinite(args.guidance_scale):
+        raise InferError("--scale and --guidance_scale must be finite numbers")
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or e
+            raise InferError(f"cannot read --prompts_file {args.prompts_file}: {reason}") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InferError("no prompts: give --prompt (repeatable) or a --prompts_file with at least one non-blank line")
+    return prompts
+
+
+def pick_device(name: str) -> torch.device:
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InferError("--device cuda was asked for, but this PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
+    if name == "mps" and not has_mps:
+        raise InferError("--device mps was asked for, but MPS is not available on this machine")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+# ------------------------------------------------------------------------------------ checkpoint
+def resolve_checkpoint(path) -> tuple[Path, loha.Adapter]:
+    """The adapter path to load and its parsed contents (validated, nothing loaded into a model yet)."""
+    path = Path(path)
+    if not path.exists():
+        raise InferError(f"--checkpoint {path} does not exist")
+    adapter_entries = ("unet", "text_encoder", "text_encoder_2", "adapter_config.json", "adapter_model.safetensors",
+                       "adapter_model.bin")
+    if path.is_dir() and not any((path / name).exists() for name in adapter_entries):
+        checkpoints = [c for c in path.glob("checkpoint-*") if c.is_dir() and re.fullmatch(r"checkpoint-\d+", c.name)]
+        if checkpoints:
+            return latest_complete_checkpoint(path, checkpoints)
+    try:
+        return path, loha.read_adapter(path)
+    except loha.LoHaFileError:
+        if path.is_file() and path.suffix == ".safetensors" and _made_for_sd1_or_sd2(path):
+            raise InferError(f"{path.name} was made for Stable Diffusion 1.x/2.x (lora_te_ keys or "
+                             "ss_base_model_version): this LoHa was trained for a different base model; "
+                             "SDXL files use lora_te1_/lora_te2_") from None
+        raise
+
+
+def latest_complete_checkpoint(output_dir: Path, checkpoints: list[Path]) -> tuple[Path, loha.Adapter]:
+    """A training output_dir without a final unet/ (a run still going, or stopped early): its newest
+    checkpoint-<step>/ that reads cleanly. Newer ones that do not (half written) are skipped, with a note."""
+    skipped = []
+    for checkpoint in sorted(checkpoints, key=lambda c: int(c.name.split("-")[1]), reverse=True):
+        try:
+            adapter = loha.read_adapter(checkpoint)
+        except loha.LoHaFileError as e:
+            skipped.append(f"{checkpoint.name} ({e})")
+            continue
+        for note in skipped:
+            log(f"skipping incomplete {note}")
+        log(f"{output_dir} has no final unet/ yet: using its latest complete checkpoint, {checkpoint.name}")
+        return checkpoint, adapter
+    raise InferError(f"{output_dir} has no final unet/ and none of its {len(checkpoints)} checkpoint folders is "
+                     f"complete; newest: {skipped[0]}")
+
+
+def _made_for_sd1_or_sd2(file: Path) -> bool:
+    """kohya's SD 1.x/2.x files have one text encoder (lora_te_) and say so in their metadata."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(file), "pt") as f:
+            keys, metadata = list(f.keys()), f.metadata() or {}
+    except Exception:  # a damaged file: loha's own error already says what is wrong
+        return False
+    return (metadata.get("ss_base_model_version", "").startswith(("sd_v1", "sd_v2"))
+            or any(k.startswith("lora_te_") for k in keys))
+
+
+def describe(adapter: loha.Adapter) -> str:
+    """e.g. 'kohya file (SGM names): unet 140 + text_encoder 12 modules, rank 8, alpha 8'."""
+    names = [n for modules in adapter.components.values() for n in modules]
+    if adapter.style == "peft":
+        kind = "PEFT LoHa"
+    elif any(n.startswith("lycoris_") for n in names):
+        kind = "LyCORIS file"
+    elif any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", n) for n in names):
+        kind = "kohya file (SGM names)"
+    else:
+        kind = "kohya file (diffusers names)"
+    weights = [w for modules in adapter.components.values() for w in modules.values()]
+    ranks = sorted({w.rank for w in weights})
+    alphas = sorted({w.alpha for w in weights})
+    parts = " + ".join(f"{c} {len(m)}" for c, m in adapter.components.items())
+    return (f"{kind}: {parts} modules, rank {'/'.join(map(str, ranks))}, "
+            f"alpha {'/'.join(f'{a:g}' for a in alphas)}")
+
+
+def base_model_for(args, adapter: loha.Adapter) -> str:
+    if args.pretrained_model_name_or_path:
+        return args.pretrained_model_name_or_path
+    named = adapter.base_model
+    # kohya writes a file name (sd_xl_base_1.0.safetensors) or a path on the trainer's machine: only a
+    # folder that exists here or a hub id can be loaded.
+    if named and (Path(named).is_dir() or (HUB_ID.fullmatch(named) and not named.endswith(".safetensors"))):
+        log(f"base model: {named} (from the checkpoint's metadata)")
+        return named
+    note = f"the checkpoint names {named!r}, which is neither a folder here nor a hub id" if named else \
+        "the checkpoint does not name one"
+    log(f"base model: {DEFAULT_BASE_MODEL} ({note}; set --pretrained_model_name_or_path to choose)")
+    return DEFAULT_BASE_MODEL
+
+
+# ------------------------------------------------------------------------------------ pipeline
+def load_pipeline(base_model: str, vae: str | None, dtype: torch.dtype):
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    for flag, name in (("--pretrained_model_name_or_path", base_model), ("--vae", vae)):
+        if name and not Path(name).is_dir() and not HUB_ID.fullmatch(name):
+            raise InferError(f"{flag} {name} is neither a folder here nor a hub id like org/name")
+    # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name; older releases know only it.
+    dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 42) else "torch_dtype"
+    # use_safetensors: the base model, like the adapter, is never read from a pickle.
+    options = {dtype_arg: dtype, "use_safetensors": True}
+    try:
+        if vae:
+            options["vae"] = AutoencoderKL.from_pretrained(vae, **options)
+        return StableDiffusionXLPipeline.from_pretrained(base_model, **options)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        what = f"the VAE {vae}" if vae and "vae" not in options else f"the SDXL base model {base_model}"
+        raise InferError(f"cannot load {what}: {_first_line(e)}") from None
+
+
+def make_scheduler(name: str, config):
+    """A1111's sampler names on diffusers schedulers, built from the model's own scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    if name == "Euler":
+        return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=False)
+    if name == "Euler a":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name.startswith("DPM++ 2M"):
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       use_karras_sigmas=name.endswith("Karras"))
+    # SDXL latents are not confined to [-1, 1]; DDIM's clip_sample defaults to True when the config is silent.
+    return DDIMScheduler.from_config(config, clip_sample=False)
+
+
+def render(pipe, prompt: str, negative_prompt: str | None, seeds: list[int], *, steps: int, guidance: float,
+           height: int, width: int, output_type: str = "pil"):
+    """One batch: one image per seed. Generators live on the CPU so a seed gives the same starting noise
+    on CUDA, MPS and CPU, and one generator per image makes an image independent of its batch."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    n = len(seeds)
+    return pipe(prompt=[prompt] * n, negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
+                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                generator=generators, output_type=output_type).images
+
+
+# ------------------------------------------------------------------------------------ output
+def _a1111_quote(value) -> str:
+    """AUTOMATIC1111 quotes a value as JSON when it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def png_parameters(p: dict) -> PngImagePlugin.PngInfo:
+    """AUTOMATIC1111's "parameters" text (prompt / Negative prompt: / key: value, ...) plus one text key per
+    parameter, for tools that read PNG keys rather than parse A1111's format."""
+    fields = {"Steps": p["steps"], "Sampler": p["scheduler"], "CFG scale": f"{p['guidance_scale']:g}",
+              "Seed": p["seed"], "Size": f"{p['width']}x{p['height']}", "Model": p["base_model"],
+              "LoHa": p["checkpoint"], "LoHa scale": f"{p['scale']:g}"}
+    lines = [p["prompt"]]
+    if p["negative_prompt"] is not None:
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {_a1111_quote(v)}" for k, v in fields.items()))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "\n".join(lines))
+    for key, value in p.items():
+        if value is not None:
+            info.add_text(key, str(value))  # PIL writes iTXt when the text is not Latin-1
+    return info
+
+
+def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    grid = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
+    grid.paste(left, (0, 0))
+    grid.paste(right, (left.width, 0))
+    return grid
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------ main
+def run(args) -> list[Path]:
+    prompts = check_args(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    checkpoint, adapter = resolve_checkpoint(args.checkpoint)
+    log(f"checkpoint: {checkpoint} ({describe(adapter)})")
+    base_model = base_model_for(args, adapter)
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InferError(f"cannot create --output_dir {out}: {e.strerror or e}") from None
+
+    pipe = load_pipeline(base_model, args.vae, dtype)
+    adapted = [getattr(pipe, c) for c in loha.load(pipe, checkpoint)]  # strict: a bad shape = another base model
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.to(device)
+    default_size = pipe.default_sample_size * pipe.vae_scale_factor  # 1024 for SDXL
+    settings = dict(steps=args.num_inference_steps, guidance=args.guidance_scale,
+                    height=args.height or default_size, width=args.width or default_size)
+
+    seeds = [args.seed + i for i in range(args.num_images)]
+    batches = [(p, prompt, seeds[i:i + args.batch_size])
+               for p, prompt in enumerate(prompts) for i in range(0, len(seeds), args.batch_size)]
+    base_images = {}
+    if args.compare:  # first, while the weights are unfused; scale 0 calls the base layers directly
+        log("rendering the base model (--compare)")
+        for model in adapted:
+            loha.set_scale(model, 0.0)
+        for p, prompt, batch in batches:
+            images = render(pipe, prompt, args.negative_prompt, batch, **settings)
+            base_images.update({(p, seed): image for seed, image in zip(batch, images)})
+    for model in adapted:
+        loha.set_scale(model, args.scale)
+        if args.fuse:
+            loha.merge(model, keep_original=False)  # nothing needs the unfused weights after this
+
+    log(f"rendering {len(prompts) * len(seeds)} images at {settings['width']}x{settings['height']}, "
+        f"{args.scheduler}, {args.num_inference_steps} steps, LoHa scale {args.scale:g}"
+        + (" (fused)" if args.fuse else ""))
+    written, start = [], time.perf_counter()
+    for p, prompt, batch in batches:
+        for seed, image in zip(batch, render(pipe, prompt, args.negative_prompt, batch, **settings)):
+            params = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed,
+                      "steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                      "scheduler": args.scheduler, "width": settings["width"], "height": settings["height"],
+                      "base_model": base_model, "checkpoint": str(checkpoint), "scale": args.scale}
+            written += save_image(out, image, params, index=(p, seed - args.seed), counts=(len(prompts), len(seeds)),
+                                  base_image=base_images.get((p, seed)))
+    seconds = time.perf_counter() - start
+    log(f"{len(prompts) * len(seeds)} images in {seconds:.1f} s ({seconds / (len(prompts) * len(seeds)):.2f} s each)")
+    return written
+
+
+def save_image(out: Path, image, params: dict, *, index, counts, base_image=None) -> list[Path]:
+    """<prompt>-<image>-seed<seed>.png, zero-padded so a sort follows prompt then image; with a base
+    image also <...>-compare.png, base | LoHa."""
+    (p, i), (n_prompts, n_images) = index, counts
+    stem = f"{p:0{max(3, len(str(n_prompts - 1)))}d}-{i:0{max(3, len(str(n_images - 1)))}d}-seed{params['seed']}"
+    paths = [out / f"{stem}.png"]
+    image.save(paths[0], pnginfo=png_parameters(params))
+    if base_image is not None:
+        paths.append(out / f"{stem}-compare.png")
+        side_by_side(base_image, image).save(paths[1], pnginfo=png_parameters({**params, "compare": "base | LoHa"}))
+    return paths
+
+
+def main(argv=None) -> list[Path]:
+    try:
+        written = run(parse_args(argv))
+    except (InferError, loha.LoHaError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit("error: out of GPU memory; try --batch_size 1, a smaller size, or --dtype fp16") from None
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()
