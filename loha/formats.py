@@ -53,6 +53,7 @@ def atomic_directory(dest):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -76,6 +77,7 @@ def atomic_write_bytes(dest, data: bytes):
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -86,6 +88,12 @@ def atomic_write_bytes(dest, data: bytes):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_path(path):
@@ -268,7 +276,8 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as e:  # safetensors raises its own error type and others for damaged files
-        raise LoHaFileError(f"{path.name} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoHaFileError(f"{path.name} is damaged: {reason}") from None
     return tensors, metadata
 
 
@@ -598,7 +607,8 @@ def _check_fits(entries: dict[str, ModuleWeights], model, source: str, component
         if missing or extra:
             raise LoHaFileError(
                 f"{source} does not match the adapters already in this {component}: "
-                + (f"{len(missing)} adapted modules have no weights in the file, e.g. {missing[:2]}; " if missing else "")
+                + (f"{len(missing)} adapted modules have no weights in the file, e.g. {missing[:2]}; "
+                   if missing else "")
                 + (f"{len(extra)} file modules are not adapted here, e.g. {extra[:2]}; " if extra else "")
                 + "call loha.eject(model) first to load a different adapter")
         for path, mw in entries.items():

@@ -16,8 +16,8 @@ def save_final_outputs_and_rank_weights(run, args):
     unet = run.accelerator.unwrap_model(run.trained["unet"])
     weights = {k: v.contiguous() for k, v in loha.adapter_state_dict(unet).items()}
     file = Path(args.output_dir) / f"rank-{run.accelerator.process_index}.safetensors"
-    safetensors.torch.save_file(weights, str(file), metadata={"world": str(run.accelerator.num_processes),
-                                                              "distributed_type": str(run.accelerator.distributed_type)})
+    metadata = {"world": str(run.accelerator.num_processes), "distributed_type": str(run.accelerator.distributed_type)}
+    safetensors.torch.save_file(weights, str(file), metadata=metadata)
     _save_final_outputs(run, args)
 
 

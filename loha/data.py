@@ -1,0 +1,347 @@
+"""SDXL training data: finding samples, checking images, aspect buckets, crops with micro-conditioning,
+a deterministic batch plan, and an on-disk feature cache.
+
+Every random choice about data (crop, flip, caption pick, caption dropout, batch order) is a pure
+function of (seed, epoch, sample index). Nothing here touches the global RNGs, so a run resumed
+mid-epoch, a run with cached features, and a run split over several processes all see the same
+samples with the same augmentations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from PIL import Image, ImageOps
+
+from .formats import atomic_write_bytes
+from .layer import LoHaError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_IMAGE_BYTES = 256 * 1024 * 1024  # a larger "image" is not a training photo; refuse to read it whole
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb threshold (~89 Mpx), made an error
+
+
+# ------------------------------------------------------------------------------------- randomness
+def rng_for(*keys) -> random.Random:
+    """A Python RNG seeded by ``keys`` (stable across runs, processes and Python versions)."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def torch_generator_for(*keys) -> torch.Generator:
+    return torch.Generator().manual_seed(rng_for(*keys).getrandbits(63))
+
+
+# ---------------------------------------------------------------------------------------- samples
+@dataclass
+class Sample:
+    """One training example before its image is checked: where its bytes come from and its caption."""
+    index: int
+    name: str
+    caption: object  # a str, or a list of str (one is picked per epoch)
+    path: Path | None = None  # a file, or...
+    row: dict | None = None  # ...a datasets Image(decode=False) value: {"bytes": ..., "path": ...}
+
+    def read_bytes(self) -> bytes:
+        if self.path is not None:
+            if self.path.stat().st_size > MAX_IMAGE_BYTES:
+                raise OSError(f"file is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+            return self.path.read_bytes()
+        if self.row.get("bytes") is not None:
+            return self.row["bytes"]
+        return Path(self.row["path"]).read_bytes()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def samples_from_folder(data_dir, caption_column: str = "text", caption_extension: str = ".txt") -> list[Sample]:
+    """An imagefolder with ``metadata.jsonl`` (``file_name`` + caption column), or kohya's layout of
+    ``photo.png`` beside ``photo.txt`` (searched recursively).
+
+    Every image must resolve, symlinks followed, to a file inside ``data_dir``: an entry that escapes it
+    (``../``, an absolute path, a symlink pointing out) stops the run. Reading files a dataset merely
+    names would let a downloaded dataset read anything on the machine into a model.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise LoHaError(f"--train_data_dir {root} does not exist or is not a folder")
+    root = root.resolve()
+    metadata = root / "metadata.jsonl"
+    entries = _read_metadata(metadata, caption_column) if metadata.is_file() else _read_kohya_folder(
+        root, caption_extension)
+    if not entries:
+        raise LoHaError(f"--train_data_dir {root} holds no images (expected metadata.jsonl, or images with "
+                        f"{caption_extension} captions beside them)")
+    samples = []
+    for i, (name, caption) in enumerate(entries):
+        path = (root / name).resolve()
+        if Path(name).is_absolute() or not _inside(path, root):
+            raise LoHaError(f"{metadata.name if metadata.is_file() else 'data folder'}: entry {name!r} points "
+                            f"outside {root}; refused (copy the image into the folder)")
+        samples.append(Sample(i, str(name), caption, path=path))
+    return samples
+
+
+def _read_metadata(file: Path, caption_column: str) -> list[tuple[str, object]]:
+    entries = []
+    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise LoHaError(f"{file}:{line_no} is not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise LoHaError(f"{file}:{line_no} needs a \"file_name\" string")
+        if caption_column not in row:
+            raise LoHaError(f"--caption_column {caption_column!r} is not in {file.name} (line {line_no} has "
+                            f"{sorted(k for k in row if k != 'file_name')})")
+        entries.append((row["file_name"], row[caption_column]))
+    return entries
+
+
+def _read_kohya_folder(root: Path, caption_extension: str) -> list[tuple[str, object]]:
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    entries = []
+    for image in images:
+        caption_file = image.with_suffix(caption_extension)
+        caption = None
+        if caption_file.is_file() and _inside(caption_file.resolve(), root):
+            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+        entries.append((str(image.relative_to(root)), caption))
+    return entries
+
+
+def samples_from_dataset(dataset, image_column: str, caption_column: str) -> list[Sample]:
+    """Samples from a ``datasets.Dataset`` (the train split of ``--dataset_name``)."""
+    from datasets import Image as ImageFeature
+
+    if len(dataset) == 0:
+        raise LoHaError("the dataset is empty")
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in dataset.column_names:
+            raise LoHaError(f"{flag} {column!r} is not a column of the dataset; it has {dataset.column_names}")
+    if isinstance(dataset.features[image_column], ImageFeature):
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    samples = []
+    for i, row in enumerate(dataset):
+        image = row[image_column]
+        if not isinstance(image, dict):  # e.g. a column of file names
+            image = {"bytes": None, "path": str(image)}
+        samples.append(Sample(i, image.get("path") or f"row {i}", row[caption_column], row=image))
+    return samples
+
+
+def select_samples(samples: list[Sample], max_train_samples: int | None, seed: int) -> list[Sample]:
+    """The first ``max_train_samples`` of a seeded shuffle (as diffusers' scripts do), in index order."""
+    if max_train_samples is None or max_train_samples >= len(samples):
+        return samples
+    chosen = sorted(rng_for(seed, "max_train_samples").sample(range(len(samples)), max_train_samples))
+    return [samples[i] for i in chosen]
+
+
+# ------------------------------------------------------------------------------------------ images
+def decode_image(data: bytes) -> Image.Image:
+    """Decode untrusted bytes into an RGB image with its EXIF orientation applied.
+
+    Raises on anything that is not a complete, sane image: truncated, corrupt, empty, not an image, or a
+    decompression bomb (more than MAX_IMAGE_PIXELS pixels).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels is too many")
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
+    return image.convert("RGB")
+
+
+@dataclass
+class CheckedSample:
+    """A sample whose image decoded: its original size (after EXIF rotation) and content hash."""
+    sample: Sample
+    width: int
+    height: int
+    sha256: str
+    bucket: tuple[int, int] = (0, 0)  # (width, height) it is cropped to
+
+    @property
+    def index(self) -> int:
+        return self.sample.index
+
+
+@dataclass
+class ScanReport:
+    good: list[CheckedSample] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+
+def check_samples(samples: list[Sample], progress=None) -> ScanReport:
+    """Decode every image once; skip the broken ones and samples whose caption is not text."""
+    report = ScanReport()
+    for sample in progress(samples) if progress else samples:
+        caption = sample.caption
+        if not (isinstance(caption, str) or (isinstance(caption, list) and caption
+                                             and all(isinstance(c, str) for c in caption))):
+            report.skipped.append((sample.name, f"caption is {type(caption).__name__}, not text"))
+            continue
+        try:
+            data = sample.read_bytes()
+            image = decode_image(data)
+        except Exception as e:  # untrusted files make PIL raise many types; each means "skip this one"
+            report.skipped.append((sample.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            continue
+        report.good.append(CheckedSample(sample, image.width, image.height, hashlib.sha256(data).hexdigest()))
+    return report
+
+
+# ----------------------------------------------------------------------------------------- buckets
+def bucket_resolutions(resolution: int, step: int = 64) -> list[tuple[int, int]]:
+    """(width, height) pairs with sides multiple of ``step`` and area <= resolution², from a quarter to
+    twice the resolution per side: SDXL's and kohya's aspect-ratio buckets."""
+    area = resolution * resolution
+    low, high = max(step, resolution // 4 // step * step), resolution * 2
+    buckets = {(resolution, resolution)}
+    for width in range(low, high + 1, step):
+        height = min(high, area // width // step * step)
+        if height >= low:
+            buckets |= {(width, height), (height, width)}
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket closest in log aspect ratio; among equals, the largest."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 9), -b[0] * b[1]))
+
+
+def assign_buckets(checked: list[CheckedSample], resolution: int, enable_bucket: bool) -> None:
+    buckets = bucket_resolutions(resolution) if enable_bucket else [(resolution, resolution)]
+    for c in checked:
+        c.bucket = nearest_bucket(c.width, c.height, buckets)
+
+
+# ------------------------------------------------------------------------------ crops and time_ids
+@dataclass(frozen=True)
+class Augmentation:
+    crop_y: float  # where the crop window sits in the free space, 0 = top/left, 1 = bottom/right
+    crop_x: float
+    flip: bool
+
+
+def choose_augmentation(seed: int, epoch: int, index: int, center_crop: bool, random_flip: bool) -> Augmentation:
+    rng = rng_for(seed, epoch, index, "augment")
+    y, x, flip = rng.random(), rng.random(), rng.random() < 0.5
+    return Augmentation(0.5 if center_crop else y, 0.5 if center_crop else x, random_flip and flip)
+
+
+def crop_geometry(width: int, height: int, bucket: tuple[int, int], aug: Augmentation):
+    """(resized (w, h), crop box (left, top, right, bottom) in the resized image, time_ids).
+
+    The image is scaled to cover the bucket and cropped to it. time_ids follow SDXL: original
+    (height, width) before the resize, crop (top, left) as the model sees it (after a flip the left
+    offset is measured from the other side), target (height, width).
+    """
+    target_w, target_h = bucket
+    scale = max(target_w / width, target_h / height)
+    resized_w, resized_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    top = int(round(aug.crop_y * (resized_h - target_h)))
+    left = int(round(aug.crop_x * (resized_w - target_w)))
+    seen_left = resized_w - left - target_w if aug.flip else left
+    time_ids = (height, width, top, seen_left, target_h, target_w)
+    return (resized_w, resized_h), (left, top, left + target_w, top + target_h), time_ids
+
+
+def pixels_and_time_ids(data: bytes, bucket, aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded, resized, cropped, maybe flipped image as a (3, h, w) tensor in [-1, 1], and its time_ids."""
+    image = decode_image(data)
+    size, box, time_ids = crop_geometry(image.width, image.height, bucket, aug)
+    image = image.resize(size, Image.Resampling.LANCZOS).crop(box)
+    if aug.flip:
+        image = ImageOps.mirror(image)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float().div(127.5).sub(1.0), torch.tensor(time_ids, dtype=torch.float32)
+
+
+def choose_caption(caption, seed: int, epoch: int, index: int, dropout: float) -> str:
+    """A random pick from a list of captions; the empty prompt with probability ``dropout``."""
+    rng = rng_for(seed, epoch, index, "caption")
+    picked = caption if isinstance(caption, str) else caption[rng.randrange(len(caption))]
+    return "" if rng.random() < dropout else picked
+
+
+# -------------------------------------------------------------------------------------- batch plan
+def epoch_batches(checked: list[CheckedSample], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """This epoch's global batches, as lists of positions in ``checked``. A batch never mixes buckets.
+
+    Shuffled within each bucket, cut into batches of ``global_batch`` (the last of a bucket may be
+    short), then the batch order is shuffled. Depends only on (seed, epoch), never on the process count.
+    """
+    rng = rng_for(seed, epoch, "batches")
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for pos, c in enumerate(checked):
+        by_bucket.setdefault(c.bucket, []).append(pos)
+    batches = []
+    for bucket in sorted(by_bucket):
+        positions = by_bucket[bucket]
+        rng.shuffle(positions)
+        batches += [positions[i:i + global_batch] for i in range(0, len(positions), global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def share_of_batch(batch: list[int], rank: int, world: int) -> list[int]:
+    """This process's part of a global batch; a batch short of ``world`` is padded by repeating itself
+    so every process gets work (DDP needs every rank in every step)."""
+    padded = [batch[i % len(batch)] for i in range(math.ceil(len(batch) / world) * world)]
+    return padded[rank::world]
+
+
+# ------------------------------------------------------------------------------------ feature cache
+def content_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FeatureCache:
+    """safetensors files under ``root/<kind>/<key[:2]>/<key>.safetensors``, written atomically.
+
+    A key is a hash of everything the stored value depends on, so a changed image, caption,
+    resolution, crop or model simply misses and is recomputed; nothing is ever invalidated by hand.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def _file(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.safetensors"
+
+    def get(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        file = self._file(kind, key)
+        try:
+            return safetensors.torch.load_file(str(file))
+        except FileNotFoundError:
+            return None
+        except Exception:  # a damaged cache entry is a miss: it gets recomputed and replaced
+            return None
+
+    def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        file = self._file(kind, key)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(file, safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()}))

@@ -1,0 +1,542 @@
+"""train_loha_sdxl.py on the tiny offline SDXL pipeline: outputs, resume, caching, DDP, math, bad input.
+
+Most runs call ``main()`` in this process (imports are paid once); the CLI and torchrun tests start
+real subprocesses. Resolution 64 (8x8 latents) and a few steps keep each run to a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import loha
+import train_loha_sdxl as T
+from loha import data as D
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate():
+    """One thread: these models are tiny and the test machine is shared. accelerate keeps process-wide
+    state; reset it so each in-process run starts as a new process would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def base_args(model_dir, out, cache, *extra, data=EXAMPLES, steps=3):
+    return ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data),
+            "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", str(steps),
+            "--output_dir", str(out), "--feature_cache_dir", str(cache), "--report_to", "none",
+            "--checkpointing_steps", "1000", "--learning_rate", "1e-3", *map(str, extra)]
+
+
+def train(tiny_pipeline_dir, tmp_path, *extra, name="out", **kw) -> Path:
+    out = tmp_path / name
+    code = T.main(base_args(tiny_pipeline_dir, out, tmp_path / "cache", *extra, **kw))
+    assert code == 0
+    return out
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
+def fails_with(capsys, argv, *fragments) -> str:
+    code = T.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err
+    for f in fragments:
+        assert f in last, last
+    return last
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_cli_run_writes_every_output(tiny_pipeline_dir, tmp_path):
+    """A real subprocess, as a user runs it: every promised file exists and is what it claims."""
+    out = tmp_path / "out"
+    argv = base_args(tiny_pipeline_dir, out, tmp_path / "cache", "--checkpointing_steps", "2",
+                     "--checkpoints_total_limit", "1", "--validation_prompt", "a photo of a cat",
+                     "--validation_prompt", "a red cup", "--num_validation_images", "2", "--validation_steps", "2",
+                     "--num_validation_inference_steps", "2", "--report_to", "tensorboard", "--cache_latents",
+                     steps=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "train_loha_sdxl.py"), *argv], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote to {out}" in proc.stdout and "images/s" in proc.stdout
+
+    unet = loha.read_adapter(out / "unet")
+    config = json.loads((out / "unet" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LOHA" and config["r"] == 8 and config["alpha"] == 8
+    assert config["base_model_name_or_path"] == str(tiny_pipeline_dir)
+    assert set(config["target_modules"]) == set(loha.DEFAULT_TARGETS)
+    kohya = loha.read_adapter(out / "loha.safetensors")
+    assert kohya.style == "kohya" and kohya.metadata["ss_steps"] == "4"
+    assert kohya.metadata["ss_network_args"] == json.dumps({"algo": "loha"})
+    assert len(kohya.components["unet"]) == len(unet.components["unet"]) > 0
+    for name, mw in unet.components["unet"].items():  # same weights in both files
+        assert any(torch.equal(mw.w1a, k.w1a) for k in kohya.components["unet"].values()), name
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["max_train_steps"] == 4 and args["rank"] == 8
+    card = (out / "README.md").read_text()
+    assert str(tiny_pipeline_dir) in card and "a photo of a cat" in card and "| steps | 4 |" in card
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0.png", "step-2.png", "step-4.png"]
+    grid = Image.open(out / "samples" / "step-4.png")
+    assert grid.size == (2 * 64, 2 * 64)  # 2 prompts x 2 images
+    assert grid.text["step"] == "4" and grid.text["prompt"] == "a photo of a cat\na red cup"
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]  # total limit 1 pruned checkpoint-2
+    ckpt = out / "checkpoint-4"
+    assert json.loads((ckpt / "training_state.json").read_text()) == {"global_step": 4}
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet"} <= {p.name for p in ckpt.iterdir()}
+    assert not list(ckpt.glob("model*"))  # adapter only, never the frozen model
+    assert_same_weights(adapter_weights(ckpt / "unet"), adapter_weights(out / "unet"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def test_seed_recipe_peft_loads_like_loha(tiny_pipeline_dir, tmp_path):
+    """The seed's `PeftModel.from_pretrained(pipe.unet, out / "unet")` gives the image loha.load gives."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import PeftModel
+
+    out = train(tiny_pipeline_dir, tmp_path, "--learning_rate", "3e-2", steps=2)
+
+    def image(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe("a photo of a cat", num_inference_steps=3, generator=g, output_type="np",
+                    height=64, width=64).images[0]
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    base = image(pipe)
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, out / "unet")
+    with_peft = image(pipe)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    loha.load(pipe, out)
+    with_loha = image(pipe)
+    assert np.abs(with_peft - base).max() > 1e-3  # the adapter changed the image...
+    np.testing.assert_allclose(with_peft, with_loha, atol=1e-5)  # ...in the same way both ways
+    assert np.array_equal((with_peft * 255).round(), (with_loha * 255).round())
+
+
+# ------------------------------------------------------------------------------------- resume
+def test_resume_mid_epoch_is_bitwise(tiny_pipeline_dir, tmp_path):
+    """Stopped at step 3 (mid-epoch: 7 images in batches of 2, 2 per update, so 2 updates per epoch) and
+    resumed to 6 == an uninterrupted run of 6, bit for bit, with the text encoders trained too and rank
+    dropout on (its RNG state comes back from the checkpoint)."""
+    extra = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
+             "--train_text_encoder", "--rank_dropout", "0.2", "--random_flip", "--lr_scheduler", "cosine",
+             "--lr_warmup_steps", "2"]
+    full = train(tiny_pipeline_dir, tmp_path, *extra, name="full", steps=6)
+    part = tmp_path / "part"
+    shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
+    resumed = train(tiny_pipeline_dir, tmp_path, *extra, "--resume_from_checkpoint", "latest", name="part", steps=6)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        assert_same_weights(adapter_weights(full / component), adapter_weights(resumed / component))
+    assert not torch.equal(adapter_weights(full / "checkpoint-3" / "unet")["base_model.model.down_blocks.1."
+                                                                          "attentions.0.transformer_blocks.0."
+                                                                          "attn1.to_q.hada_w2_a"],
+                           adapter_weights(full / "unet")["base_model.model.down_blocks.1.attentions.0."
+                                                          "transformer_blocks.0.attn1.to_q.hada_w2_a"])
+
+
+def test_partial_checkpoint_is_never_latest(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / T.STATE_FILE).write_text('{"global_step": 2}')
+    (tmp_path / ".checkpoint-5.tmp-abc").mkdir()  # what a kill during a save leaves
+    (tmp_path / "checkpoint-9").mkdir()  # no state file: not written by us
+    assert [p.name for _, p in T.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+# -------------------------------------------------------------------------------------- caching
+def test_cached_and_uncached_training_match(tiny_pipeline_dir, tmp_path):
+    common = ["--center_crop", "--max_train_samples", "3"]
+    uncached = train(tiny_pipeline_dir, tmp_path, *common, "--no-cache_text_embeddings", name="uncached")
+    cached = train(tiny_pipeline_dir, tmp_path, *common, "--cache_latents", "--dataloader_num_workers", "1",
+                   name="cached")
+    assert_same_weights(adapter_weights(uncached / "unet"), adapter_weights(cached / "unet"))
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 3 + 3  # 3 latents + 3 captions
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    train(tiny_pipeline_dir, tmp_path, *common, "--cache_latents", name="again")  # reused, not recomputed
+    assert {f: f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").rglob("*.safetensors"))} == stamps
+    train(tiny_pipeline_dir, tmp_path, "--max_train_samples", "3", "--cache_latents", name="random_crop", steps=1)
+    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 6  # new crops: new entries
+
+
+def test_cache_key_changes_with_content(tmp_path):
+    key = D.content_key("latents", 0, "sha", (64, 64), (0.5, 0.5, False), "vae")
+    for changed in [("latents", 1, "sha", (64, 64), (0.5, 0.5, False), "vae"),
+                    ("latents", 0, "sha2", (64, 64), (0.5, 0.5, False), "vae"),
+                    ("latents", 0, "sha", (64, 128), (0.5, 0.5, False), "vae"),
+                    ("latents", 0, "sha", (64, 64), (0.5, 0.5, True), "vae"),
+                    ("latents", 0, "sha", (64, 64), (0.5, 0.5, False), "vae2")]:
+        assert D.content_key(*changed) != key
+    cache = D.FeatureCache(tmp_path)
+    cache.put("text", key, {"x": torch.ones(2)})
+    assert torch.equal(cache.get("text", key)["x"], torch.ones(2))
+    next((tmp_path / "text").rglob("*.safetensors")).write_bytes(b"garbage")
+    assert cache.get("text", key) is None  # a damaged entry is a miss, recomputed
+
+
+# ---------------------------------------------------------------------------------- multi-process
+def test_torchrun_two_processes_match_one(tiny_pipeline_dir, tmp_path):
+    """2 gloo ranks x batch 1 hold identical weights, equal to 1 process x batch 2 (same global batches)."""
+    mp_out, sp_out = tmp_path / "mp", tmp_path / "sp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = base_args(tiny_pipeline_dir, mp_out, tmp_path / "cache", "--cache_latents", steps=3)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(REPO / "tests" / "torchrun_train.py"), *argv],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = safetensors.torch.load_file(str(mp_out / "rank-0.safetensors"))
+    rank1 = safetensors.torch.load_file(str(mp_out / "rank-1.safetensors"))
+    with safetensors.safe_open(str(mp_out / "rank-0.safetensors"), "pt") as f:
+        assert f.metadata()["distributed_type"] == "DistributedType.MULTI_CPU" and f.metadata()["world"] == "2"
+    assert_same_weights(rank0, rank1)
+    single = train(tiny_pipeline_dir, tmp_path, "--cache_latents", "--train_batch_size", "2", name="sp", steps=3)
+    assert single == sp_out
+    single_w = {k.removeprefix("base_model.model."): v for k, v in adapter_weights(sp_out / "unet").items()}
+    before = {k: torch.zeros_like(v) for k, v in single_w.items() if "hada_w2_a" in k}
+    assert any(not torch.equal(single_w[k], before[k]) for k in before)  # training moved the weights
+    # The all-reduce sums in another order, so not bitwise; Adam turns that into ~1e-5, while the weights
+    # move ~3e-3 in 3 steps at lr 1e-3 and a rank fed other samples would be ~1e-3 off.
+    assert_same_weights(rank0, single_w, atol=5e-5)
+
+
+# ------------------------------------------------------------------------------- loss and math
+def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, tmp_path):
+    """The same sample, epoch 0 every time (so the same noise and timestep): 40 updates fit it."""
+    args = T.parse_args(base_args(tiny_pipeline_dir, tmp_path / "out", tmp_path / "cache", "--max_train_samples",
+                                  "1", "--learning_rate", "3e-2", "--cache_latents"))
+    accelerator = T.start_accelerator(args)
+    models = T.load_models(args, accelerator)
+    T.add_adapters(models, args)
+    data = T.load_training_data(args, accelerator)
+    T.cache_features(data, models, args, accelerator)
+    run = T.prepare_training(models, data, args, accelerator)
+    batches = [T.collate([data.dataset[(0, 0)]])]
+    losses = [T.train_one_update(run, args, batches)[1] for _ in range(40)]
+    assert all(np.isfinite(losses))
+    # The random tiny UNet is frozen outside its attention, so it cannot reach zero; a third off is learning.
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), [round(x, 3) for x in losses]
+
+
+def test_min_snr_weights_match_the_formula():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 10, 250, 500, 999])
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alpha_bar = np.cumprod(1 - betas)[t.numpy()]
+    snr = alpha_bar / (1 - alpha_bar)
+    expected_eps = np.minimum(snr, 5.0) / snr
+    np.testing.assert_allclose(T.min_snr_weights(scheduler, t, 5.0).numpy(), expected_eps, rtol=1e-4)
+    scheduler.register_to_config(prediction_type="v_prediction")
+    np.testing.assert_allclose(T.min_snr_weights(scheduler, t, 5.0).numpy(), np.minimum(snr, 5.0) / (snr + 1),
+                               rtol=1e-4)
+    assert expected_eps[0] < 1 and expected_eps[-1] == 1  # clipped where the SNR is high, untouched where low
+
+
+def jpeg_bytes(width, height, orientation=None) -> bytes:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_micro_conditioning_time_ids_by_hand():
+    # 300 wide x 200 high, to 64x64: scaled by 64/200 = 0.32 to 96x64, a 32 px wide band to crop from.
+    aug = D.Augmentation(crop_y=0.5, crop_x=0.25, flip=False)
+    size, box, time_ids = D.crop_geometry(300, 200, (64, 64), aug)
+    assert size == (96, 64) and box == (8, 0, 72, 64)
+    assert time_ids == (200, 300, 0, 8, 64, 64)  # original (h, w), crop (top, left), target (h, w)
+    flipped = D.crop_geometry(300, 200, (64, 64), D.Augmentation(0.5, 0.25, True))[2]
+    assert flipped == (200, 300, 0, 96 - 8 - 64, 64, 64)  # the model sees the window from the other side
+    # EXIF orientation 6 (rotate 90°): a 300x200 file is a 200x300 photo, and time_ids say so.
+    data = jpeg_bytes(300, 200, orientation=6)
+    pixels, ids = D.pixels_and_time_ids(data, (64, 64), D.Augmentation(0.5, 0.5, True))
+    assert ids.tolist() == [300, 200, 16, 0, 64, 64] and pixels.shape == (3, 64, 64)
+    upright = Image.open(io.BytesIO(data)).rotate(-90, expand=True)  # what orientation 6 means
+    expected = upright.resize((64, 96), Image.Resampling.LANCZOS).crop((0, 16, 64, 80)).transpose(
+        Image.Transpose.FLIP_LEFT_RIGHT)
+    assert torch.equal(pixels, torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_buckets_keep_aspect_and_never_mix():
+    buckets = D.bucket_resolutions(1024)
+    assert (1024, 1024) in buckets and all(w % 64 == 0 and h % 64 == 0 and w * h <= 1024 ** 2 for w, h in buckets)
+    assert D.nearest_bucket(1600, 900, buckets) == (1344, 768) and D.nearest_bucket(900, 1600, buckets) == (768, 1344)
+    sizes = [(640, 480), (480, 640), (500, 500), (800, 600), (600, 800), (512, 512), (1000, 740)]
+    checked = [D.CheckedSample(D.Sample(i, str(i), "c"), w, h, "x") for i, (w, h) in enumerate(sizes)]
+    D.assign_buckets(checked, 256, enable_bucket=True)
+    assert [c.bucket for c in checked] == [(320, 192), (192, 320), (256, 256), (320, 192), (192, 320), (256, 256),
+                                           (320, 192)]
+    for epoch in range(3):
+        batches = D.epoch_batches(checked, 2, seed=0, epoch=epoch)
+        assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+        assert all(len({checked[i].bucket for i in b}) == 1 for b in batches)
+    assert D.epoch_batches(checked, 2, 0, 0) != D.epoch_batches(checked, 2, 0, 1)  # reshuffled per epoch
+    assert D.share_of_batch([5], rank=1, world=2) == [5] and D.share_of_batch([1, 2, 3, 4], 1, 2) == [2, 4]
+
+
+def test_encode_prompts_matches_the_pipeline(tiny_pipeline_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    models = T.Models(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet,
+                      None, None, torch.float32, "", "")
+    with torch.no_grad():
+        embeds, pooled = T.encode_prompts(models, ["a photo of a cat"])
+        expected, _, expected_pooled, _ = pipe.encode_prompt("a photo of a cat", do_classifier_free_guidance=False)
+    assert embeds.shape[-1] == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert torch.equal(embeds, expected) and torch.equal(pooled, expected_pooled)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_kohya_layout_dataset_folder_and_caption_lists(tiny_pipeline_dir, tmp_path):
+    import datasets
+
+    kohya = tmp_path / "kohya" / "10_cat"
+    kohya.mkdir(parents=True)
+    for name in ("a", "b"):
+        shutil.copy(EXAMPLES / "cat.jpg", kohya / f"{name}.jpg")
+        (kohya / f"{name}.txt").write_text(f"caption {name}\n")
+    samples = D.samples_from_folder(tmp_path / "kohya")
+    assert [(s.name, s.caption) for s in samples] == [("10_cat/a.jpg", "caption a"), ("10_cat/b.jpg", "caption b")]
+
+    rows = {"image": [str(EXAMPLES / "cat.jpg"), str(EXAMPLES / "coffee.jpg")],
+            "captions": [["a cat", "a tabby", "a pet"], ["a cup"]]}
+    ds = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hfdata"))
+    picks = {D.choose_caption(rows["captions"][0], 0, epoch, 0, 0.0) for epoch in range(20)}
+    assert picks == set(rows["captions"][0])
+    assert D.choose_caption("x", 0, 0, 0, 0.999) == ""
+    out = tmp_path / "out"
+    argv = base_args(tiny_pipeline_dir, out, tmp_path / "cache", steps=2)
+    at = argv.index("--train_data_dir")
+    argv[at:at + 2] = ["--dataset_name", str(tmp_path / "hfdata")]
+    assert T.main([*argv, "--caption_column", "captions"]) == 0
+    assert (out / "unet" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------- bad input
+def png_claiming(width, height) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def test_broken_images_are_skipped_counted_and_named(tiny_pipeline_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = (EXAMPLES / "cat.jpg").read_bytes()
+    files = {"good.jpg": good, "rotated.jpg": jpeg_bytes(90, 60, orientation=8), "truncated.jpg": good[:len(good) // 2],
+             "empty.jpg": b"", "notanimage.jpg": b"hello, world\n" * 10, "bomb.png": png_claiming(30000, 30000),
+             "gray.png": None, "caption_number.jpg": good}
+    buffer = io.BytesIO()
+    Image.new("LA", (40, 30), (128, 0)).save(buffer, format="PNG")  # grey + alpha: becomes RGB
+    files["gray.png"] = buffer.getvalue()
+    lines = []
+    for name, body in files.items():
+        (data / name).write_bytes(body)
+        lines.append(json.dumps({"file_name": name, "text": 7 if name == "caption_number.jpg" else f"photo {name}"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines))
+    out = train(tiny_pipeline_dir, tmp_path, data=data, steps=2)
+    captured = capsys.readouterr()
+    assert "skipped 5 of 8 samples" in captured.err
+    for name in ("truncated.jpg", "empty.jpg", "notanimage.jpg", "bomb.png", "caption_number.jpg"):
+        assert name in captured.err and name in captured.out  # warned at the start, listed at the end
+    assert "DecompressionBomb" in captured.err
+    assert (out / "unet").is_dir()
+
+
+def test_rgb_conversion_and_exif():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (4, 2), (255, 0, 0, 0)).save(buffer, format="PNG")
+    image = D.decode_image(buffer.getvalue())
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert D.decode_image(jpeg_bytes(30, 20, orientation=6)).size == (20, 30)
+
+
+def test_all_images_broken_aborts(tiny_pipeline_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"")
+    (data / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "x"}\n')
+    fails_with(capsys, base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", data=data),
+               "no usable training images")
+
+
+@pytest.mark.parametrize("file_name", ["../outside.jpg", "/etc/hostname", "link.jpg"])
+def test_metadata_entries_escaping_the_folder_are_refused(tiny_pipeline_dir, tmp_path, capsys, file_name):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(EXAMPLES / "cat.jpg", tmp_path / "outside.jpg")
+    (data / "link.jpg").symlink_to(tmp_path / "outside.jpg")  # decided: a symlink out of the folder is refused too
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": file_name, "text": "x"}) + "\n")
+    fails_with(capsys, base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", data=data),
+               "points outside", "refused")
+
+
+def test_bad_dataset_sources(tiny_pipeline_dir, tmp_path, capsys):
+    def argv(**data):
+        return base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", **data)
+
+    fails_with(capsys, argv(data=tmp_path / "missing"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    fails_with(capsys, argv(data=tmp_path / "empty"), "holds no images")
+    fails_with(capsys, [*argv(), "--caption_column", "prompt"], "'prompt' is not in metadata.jsonl", "['text']")
+    import datasets
+    datasets.Dataset.from_dict({"img": [str(EXAMPLES / "cat.jpg")], "text": ["x"]}).save_to_disk(str(tmp_path / "hf"))
+    hf = argv()
+    hf[hf.index("--train_data_dir"):hf.index("--train_data_dir") + 2] = ["--dataset_name", str(tmp_path / "hf")]
+    fails_with(capsys, hf, "--image_column 'image' is not a column", "['img', 'text']")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution", "100"], "multiple of 8"),
+    (["--resolution", "96", "--enable_bucket"], "multiple of 64 with --enable_bucket"),
+    (["--rank", "0"], "--rank must be >= 1"),
+    (["--alpha", "-1"], "--alpha must be a finite number > 0"),
+    (["--alpha", "nan"], "--alpha must be a finite number > 0"),
+    (["--learning_rate", "0"], "--learning_rate must be in (0, 1]"),
+    (["--learning_rate", "inf"], "--learning_rate must be in (0, 1]"),
+    (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
+    (["--train_text_encoder", "--cache_text_embeddings"], "cannot be combined with --cache_text_embeddings"),
+    (["--dataset_name", "x"], "exactly one of --dataset_name and --train_data_dir"),
+    (["--caption_dropout", "1.5"], "--caption_dropout must be in [0, 1)"),
+    (["--rank", "abc"], "invalid int value"),
+    (["--use_8bit_adam"], "needs `pip install bitsandbytes`"),
+    (["--report_to", "wandb"], "needs `pip install wandb`"),
+])
+def test_bad_flags_give_one_line(tmp_path, capsys, flags, message):
+    if "--use_8bit_adam" in flags and importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here")
+    if "wandb" in flags and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(base_args(tmp_path / "model", tmp_path / "o", tmp_path / "c", *flags))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_unwritable_output_and_missing_resume(tiny_pipeline_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    fails_with(capsys, base_args(tiny_pipeline_dir, tmp_path / "file" / "out", tmp_path / "c"), "is not writable")
+    fails_with(capsys, [*base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c"), "--resume_from_checkpoint",
+                        str(tmp_path / "nope")], "no such folder")
+    fails_with(capsys, base_args(tmp_path / "no-model", tmp_path / "o", tmp_path / "c"), "cannot load the model")
+
+
+def test_nonfinite_loss_skips_then_stops_keeping_last_checkpoint(tiny_pipeline_dir, tmp_path, capsys):
+    out = train(tiny_pipeline_dir, tmp_path, "--debug_nonfinite_steps", "2", name="one", steps=3)
+    captured = capsys.readouterr()
+    assert "step 2: loss is NaN/Inf; update skipped (1 so far)" in captured.err
+    assert "1 updates were skipped" in captured.out
+    assert all(torch.isfinite(t).all() for t in adapter_weights(out / "unet").values())
+
+    argv = base_args(tiny_pipeline_dir, tmp_path / "five", tmp_path / "c", "--checkpointing_steps", "1",
+                     "--debug_nonfinite_steps", "2,3,4,5,6", steps=8)
+    last = fails_with(capsys, argv, "NaN/Inf for 5 updates in a row", "checkpoint-1")
+    five = tmp_path / "five"
+    # Updates 2-6 were skipped; no checkpoint was written during the streak and nothing final was written.
+    assert not (five / "unet").exists() and not (five / "loha.safetensors").exists()
+    assert [p.name for p in five.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert "Last good checkpoint" in last
+
+
+# ------------------------------------------------------------------------------ precision, options
+def test_gradient_checkpointing_changes_nothing(tiny_pipeline_dir, tmp_path):
+    plain = train(tiny_pipeline_dir, tmp_path, "--cache_latents", name="plain", steps=2)
+    ckpt = train(tiny_pipeline_dir, tmp_path, "--cache_latents", "--gradient_checkpointing", name="ckpt", steps=2)
+    assert_same_weights(adapter_weights(plain / "unet"), adapter_weights(ckpt / "unet"))
+
+
+def test_bf16_with_every_loss_option(tiny_pipeline_dir, tmp_path):
+    """Frozen weights in bf16, LoHa factors in fp32; v-prediction, min-SNR, noise offset, caption dropout,
+    accumulation and buckets together still train to finite fp32 factors."""
+    out = train(tiny_pipeline_dir, tmp_path, "--mixed_precision", "bf16", "--snr_gamma", "5", "--noise_offset",
+                "0.05", "--prediction_type", "v_prediction", "--caption_dropout", "0.3",
+                "--gradient_accumulation_steps", "2", "--enable_bucket", "--cache_latents", steps=2)
+    weights = adapter_weights(out / "unet")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "hada_w2_a" in k)
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["prediction_type"] == "v_prediction" and args["mixed_precision"] == "bf16"
+
+
+def test_disk_full_during_checkpoint_is_one_line_and_leaves_nothing(tiny_pipeline_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    import accelerate
+
+    real_save = accelerate.Accelerator.save_state
+    calls = []
+
+    def save_state_then_disk_full(self, output_dir, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            real_save(self, output_dir, **kw)  # half written, then the disk fills up
+            raise OSError(28, "No space left on device")
+        return real_save(self, output_dir, **kw)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state_then_disk_full)
+    argv = base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", "--checkpointing_steps", "1", steps=3)
+    fails_with(capsys, argv, "could not write", "checkpoint-2", "No space left on device", "checkpoint-1", "intact")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["checkpoint-1"]  # no temp folder left
+    assert [p.name for _, p in T.list_checkpoints(tmp_path / "o")] == ["checkpoint-1"]
+
+
+def test_demo_runs_offline_and_flags_override_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = T.parse_args(["--demo"])
+    assert args.train_data_dir == str(EXAMPLES) and args.cache_latents and args.max_train_steps == 300
+    assert args.pretrained_model_name_or_path == "loha-demo/tiny-sdxl"
+    argv = ["--demo", "--max_train_steps", "2", "--validation_steps", "2", "--no-cache_latents", "--report_to",
+            "none", "--feature_cache_dir", str(tmp_path / "cache")]
+    assert not T.parse_args(argv).cache_latents
+    assert T.main(argv) == 0
+    out = tmp_path / "loha-demo" / "output"
+    assert (tmp_path / "loha-demo" / "tiny-sdxl" / "model_index.json").is_file()  # built, then loaded back
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0.png", "step-2.png"]
+    assert "trained 2 steps" in capsys.readouterr().out

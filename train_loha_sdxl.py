@@ -1,0 +1,1065 @@
+#!/usr/bin/env python
+"""Train a LoHa adapter for Stable Diffusion XL: one run, read top to bottom.
+
+    python train_loha_sdxl.py --demo              # offline: tiny SDXL + examples/data, under a minute on CPU
+    accelerate launch train_loha_sdxl.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --train_data_dir my_photos --output_dir my_loha --mixed_precision fp16 ...
+
+Flags follow diffusers' train_text_to_image_lora_sdxl.py wherever it has one. Outputs: output_dir/unet/
+(PEFT LoHa folder), output_dir/<output_name>.safetensors (kohya/LyCORIS file for ComfyUI and
+AUTOMATIC1111), training_args.json, README.md, samples/step-<N>.png, checkpoint-<N>/.
+
+Determinism: every random draw of a training step (timestep, noise, latent sample, crop, flip, caption
+pick and dropout, batch order) is a function of (--seed, epoch, sample index). A run resumed from a
+checkpoint therefore continues bit for bit, and N processes see the same global batches as one. The
+only global-RNG consumer left is LoHa rank/module dropout, whose RNG state accelerate checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import loha
+from loha import LoHaError
+from loha import data as loha_data
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+REPO = Path(__file__).resolve().parent
+NONFINITE_STREAK_LIMIT = 5
+STATE_FILE = "training_state.json"  # written last into every checkpoint: {"global_step": N}
+
+
+def demo_defaults() -> dict:
+    """The offline demo: a tiny SDXL-architecture pipeline built locally, trained on examples/data."""
+    return dict(
+        pretrained_model_name_or_path="loha-demo/tiny-sdxl", train_data_dir=str(REPO / "examples" / "data"),
+        output_dir="loha-demo/output", resolution=64, enable_bucket=True, random_flip=True,
+        train_batch_size=2, max_train_steps=300, learning_rate=3e-3, lr_warmup_steps=10,
+        checkpointing_steps=100, checkpoints_total_limit=2, cache_latents=True,
+        validation_prompt=["a close-up photo of the face of a tabby cat"], num_validation_images=2,
+        validation_steps=100, num_validation_inference_steps=10, report_to="tensorboard", seed=0,
+        feature_cache_dir="loha-demo/cache",
+    )
+
+
+# ============================================================================================ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        accelerator = start_accelerator(args)
+        models = load_models(args, accelerator)
+        add_adapters(models, args)
+        data = load_training_data(args, accelerator)
+        cache_features(data, models, args, accelerator)
+        run = prepare_training(models, data, args, accelerator)
+        resume_from_checkpoint(run, args)
+        validate(run, args)  # before training: the baseline to compare against
+        train(run, args)
+        save_final_outputs(run, args)
+        print_summary(run, args)
+    except LoHaError as e:
+        return fail(str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise  # anything else is a bug worth a traceback
+        return fail(f"cannot write {e.filename or ''}: {e.strerror}".replace("write : ", "write: "))
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+# ======================================================================================= arguments
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad flags get one line, not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    on_off = dict(action=argparse.BooleanOptionalAction, default=False)  # --x / --no-x: demo defaults can be undone
+    g = p.add_argument_group("demo")
+    g.add_argument("--demo", action="store_true",
+                   help="offline demo: build a tiny SDXL pipeline locally and train on examples/data "
+                        "(explicit flags override its defaults)")
+    g.add_argument("--demo_model_dir", default="loha-demo/tiny-sdxl", help="where --demo builds its pipeline")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="hub id or local folder")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="a VAE that is safe in 16 bits, e.g. madebyollin/sdxl-vae-fp16-fix")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="e.g. fp16")
+    g.add_argument("--cache_dir", default=None, help="Hugging Face download cache")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="hub id or local datasets folder")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None,
+                   help="folder with metadata.jsonl, or kohya layout (photo.png + photo.txt)")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--caption_extension", default=".txt", help="kohya layout caption files")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--center_crop", **on_off, help="else a random crop")
+    g.add_argument("--random_flip", **on_off)
+    g.add_argument("--enable_bucket", **on_off, help="aspect-ratio buckets (SDXL/kohya style)")
+    g.add_argument("--caption_dropout", type=float, default=0.0, help="probability of the empty prompt (CFG)")
+    g.add_argument("--cache_latents", **on_off, help="encode every image once, store on disk")
+    g.add_argument("--cache_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="store prompt embeddings on disk (default: on whenever the text encoders are frozen)")
+    g.add_argument("--feature_cache_dir", default=None,
+                   help="where cached latents/embeddings live (default: $HF_HOME/loha-sdxl-features)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = p.add_argument_group("adapter")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=None, help="default: = rank")
+    g.add_argument("--target_modules", default=",".join(loha.DEFAULT_TARGETS), help="comma-separated")
+    g.add_argument("--rank_dropout", type=float, default=0.0)
+    g.add_argument("--module_dropout", type=float, default=0.0)
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="also LoHa on q/k/v/out_proj of both CLIP encoders")
+
+    g = p.add_argument_group("loss and noise")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
+                   help="default: the model's scheduler config")
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train_batch_size", type=int, default=2, help="per device")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", **on_off)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true", help="lr x accumulation x batch x processes")
+    g.add_argument("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts",
+                                                                  "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: accelerate config; frozen weights use it, LoHa factors stay fp32")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("checkpoints, validation, logging")
+    g.add_argument("--output_dir", default="loha-sdxl")
+    g.add_argument("--output_name", default="loha", help="name of the kohya .safetensors file")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
+    g.add_argument("--validation_prompt", action="append", default=None, help="repeatable")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--num_validation_inference_steps", type=int, default=25)
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
+    g.add_argument("--logging_dir", default="logs", help="relative to output_dir")
+    add("--debug_nonfinite_steps", default="", help=argparse.SUPPRESS)  # fault tests: "3,4" poisons those updates
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        defaults = demo_defaults()
+        defaults["pretrained_model_name_or_path"] = args.demo_model_dir
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except LoHaError as e:
+        parser.error(str(e))
+    return args
+
+
+def check_args(args):
+    """Refuse bad values and flag combinations before anything is loaded."""
+    def need(ok, message):
+        if not ok:
+            raise LoHaError(message)
+
+    need((args.dataset_name is None) != (args.train_data_dir is None),
+         "give exactly one of --dataset_name and --train_data_dir")
+    step = 64 if args.enable_bucket else 8
+    need(args.resolution >= step and args.resolution % step == 0,
+         f"--resolution must be a positive multiple of {step}{' with --enable_bucket' if step == 64 else ''}, "
+         f"got {args.resolution}")
+    need(args.rank >= 1, f"--rank must be >= 1, got {args.rank}")
+    need(args.alpha is None or (math.isfinite(args.alpha) and args.alpha > 0),
+         f"--alpha must be a finite number > 0, got {args.alpha}")
+    need(math.isfinite(args.learning_rate) and 0 < args.learning_rate <= 1,
+         f"--learning_rate must be in (0, 1], got {args.learning_rate}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "validation_steps", "num_validation_images", "num_validation_inference_steps", "lr_num_cycles"):
+        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
+        need(getattr(args, name) is None or getattr(args, name) >= 1, f"--{name} must be >= 1")
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset"):
+        need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("caption_dropout", "rank_dropout", "module_dropout"):
+        need(0 <= getattr(args, name) < 1, f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    need(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    need(args.max_grad_norm > 0, f"--max_grad_norm must be > 0, got {args.max_grad_norm}")
+    need(0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and args.adam_epsilon > 0
+         and args.adam_weight_decay >= 0, "Adam betas must be in [0, 1), epsilon > 0, weight decay >= 0")
+    need(not (args.train_text_encoder and args.cache_text_embeddings),
+         "--train_text_encoder cannot be combined with --cache_text_embeddings: the embeddings change as "
+         "the encoders train")
+    need(bool(target_modules(args)), "--target_modules is empty")
+    for wanted, package in ((args.report_to != "none", args.report_to), (args.use_8bit_adam, "bitsandbytes")):
+        need(not wanted or importlib.util.find_spec(package) is not None,
+             f"{'--use_8bit_adam' if package == 'bitsandbytes' else '--report_to ' + package} needs "
+             f"`pip install {package}`" + (" (or use --report_to none)" if package != "bitsandbytes" else ""))
+    need(re.fullmatch(r"[\w.+-]+", args.output_name) is not None,
+         f"--output_name must be a plain file name, got {args.output_name!r}")
+    try:
+        args.debug_nonfinite_steps = {int(s) for s in args.debug_nonfinite_steps.split(",") if s.strip()}
+    except ValueError:
+        raise LoHaError("--debug_nonfinite_steps takes comma-separated step numbers") from None
+    if args.cache_text_embeddings is None:
+        args.cache_text_embeddings = not args.train_text_encoder
+    if args.feature_cache_dir is None:
+        hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+        args.feature_cache_dir = os.path.join(hf_home, "loha-sdxl-features")
+
+
+def target_modules(args) -> list[str]:
+    return [t.strip() for t in args.target_modules.split(",") if t.strip()]
+
+
+# ==================================================================================== accelerator
+def start_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    check_output_dir(args.output_dir)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+            project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+            step_scheduler_with_optimizer=False,  # one scheduler step per update, whatever the process count
+            # CLIP-L's last layer feeds nothing SDXL reads (it takes the penultimate states), so its
+            # adapters get no gradient; DDP must be told to expect that.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)])
+    except ValueError as e:  # e.g. fp16 asked for on a machine without a GPU
+        raise LoHaError(str(e).splitlines()[0]) from None
+    set_seed(args.seed)  # adapter init and dropout; data and noise use their own seeded generators
+    if args.demo and "OMP_NUM_THREADS" not in os.environ:
+        # The tiny model's ops are too small to split across threads: one thread is as fast on an idle
+        # machine, and 5-10x faster on a busy one (measured on a shared 2-core box).
+        torch.set_num_threads(1)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def check_output_dir(output_dir):
+    """Fail now, in one line, rather than after an hour of training."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise LoHaError(f"--output_dir {output_dir} is not writable: {e.strerror or e}") from None
+
+
+# ========================================================================================= models
+@dataclasses.dataclass
+class Models:
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object  # DDPM with the model's betas: adds noise for training
+    sampling_scheduler: object  # the model's own scheduler class: for validation images
+    weight_dtype: torch.dtype
+    vae_id: str
+    text_id: str
+
+
+def load_models(args, accelerator) -> Models:
+    """Load every SDXL component the way a hub model is loaded; freeze them; put them on the device."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    if args.demo and accelerator.is_main_process:
+        from loha.tiny_sdxl import build_tiny_sdxl_pipeline
+        build_tiny_sdxl_pipeline(args.pretrained_model_name_or_path)
+    accelerator.wait_for_everyone()
+    path = args.pretrained_model_name_or_path
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+        tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", variant=args.variant, **common)
+        if args.pretrained_vae_model_name_or_path:
+            vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        else:
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+        sampling_config = DDPMScheduler.load_config(path, subfolder="scheduler", **common)
+    except (OSError, ValueError) as e:
+        raise LoHaError(f"cannot load the model {path}: {str(e).strip().splitlines()[0]}") from None
+    if args.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    sampling_class = getattr(diffusers, sampling_config.get("_class_name", ""), diffusers.EulerDiscreteScheduler)
+    sampling_scheduler = sampling_class.from_config(
+        sampling_config, **({"prediction_type": args.prediction_type} if args.prediction_type else {}))
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's own VAE overflows in fp16; a fixed VAE (e.g. the fp16-fix) may use the training dtype.
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.requires_grad_(False)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    text_encoder_2.to(accelerator.device, dtype=weight_dtype)
+    model_id = [path, args.revision, args.variant]
+    return Models(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler,
+                  sampling_scheduler, weight_dtype,
+                  vae_id=json.dumps([args.pretrained_vae_model_name_or_path or model_id, str(vae_dtype),
+                                     dict(vae.config)], default=str),
+                  text_id=json.dumps([model_id, str(weight_dtype), text_encoder.config.to_dict(),
+                                      text_encoder_2.config.to_dict()], default=str))
+
+
+def add_adapters(models: Models, args):
+    """LoHa on the UNet's attention (and the CLIP encoders' with --train_text_encoder); factors in fp32."""
+    options = dict(rank=args.rank, alpha=args.alpha, rank_dropout=args.rank_dropout,
+                   module_dropout=args.module_dropout, dtype=torch.float32)
+    loha.inject(models.unet, target_modules=target_modules(args), **options)
+    if args.train_text_encoder:
+        loha.inject(models.text_encoder, target_modules=TEXT_ENCODER_TARGETS, **options)
+        loha.inject(models.text_encoder_2, target_modules=TEXT_ENCODER_TARGETS, **options)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            models.text_encoder.gradient_checkpointing_enable()
+            models.text_encoder_2.gradient_checkpointing_enable()
+
+
+def trained_models(models: Models, args) -> dict[str, torch.nn.Module]:
+    trained = {"unet": models.unet}
+    if args.train_text_encoder:
+        trained.update(text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2)
+    return trained
+
+
+def encode_prompts(models: Models, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning: both CLIPs' penultimate hidden states side by side, and encoder 2's pooled
+    projection (what StableDiffusionXLPipeline.encode_prompt computes)."""
+    hidden = []
+    for tokenizer, encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), out[0]
+
+
+def encode_latent_distribution(models: Models, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's parameters (mean and log-variance, 2x4 channels), sampled per step later."""
+    vae = models.vae
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+
+
+# =========================================================================================== data
+@dataclasses.dataclass
+class TrainingData:
+    samples: list  # loha.data.CheckedSample, in index order
+    skipped: list  # (name, reason)
+    cache: loha_data.FeatureCache
+    dataset: torch.utils.data.Dataset | None = None
+
+
+def load_training_data(args, accelerator) -> TrainingData:
+    """Find the samples, decode each image once (skipping broken ones), and sort them into buckets."""
+    if args.train_data_dir:
+        samples = loha_data.samples_from_folder(args.train_data_dir, args.caption_column, args.caption_extension)
+    else:
+        samples = loha_data.samples_from_dataset(load_hf_dataset(args), args.image_column, args.caption_column)
+    samples = loha_data.select_samples(samples, args.max_train_samples, args.seed)
+    report = loha_data.check_samples(samples, progress=progress_bar(accelerator, "checking images"))
+    if report.skipped and accelerator.is_main_process:
+        print(f"warning: skipped {len(report.skipped)} of {len(samples)} samples: "
+              + "; ".join(f"{name} ({why})" for name, why in report.skipped[:10])
+              + (" ..." if len(report.skipped) > 10 else ""), file=sys.stderr)
+    if not report.good:
+        raise LoHaError(f"no usable training images: all {len(samples)} samples were skipped")
+    loha_data.assign_buckets(report.good, args.resolution, args.enable_bucket)
+    return TrainingData(report.good, report.skipped, loha_data.FeatureCache(args.feature_cache_dir))
+
+
+def load_hf_dataset(args):
+    import datasets
+
+    name = args.dataset_name
+    try:
+        if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("dataset_dict.json", "state.json")):
+            dataset = datasets.load_from_disk(name)
+        else:
+            dataset = datasets.load_dataset(name, args.dataset_config_name, revision=args.revision,
+                                            cache_dir=args.cache_dir)
+    except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise LoHaError(f"cannot load --dataset_name {name}: {str(e).strip().splitlines()[0]}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise LoHaError(f"--dataset_name {name} has no 'train' split (it has {list(dataset)})")
+        dataset = dataset["train"]
+    return dataset
+
+
+class SDXLTrainingSet(torch.utils.data.Dataset):
+    """Items are addressed as (position, epoch): the epoch picks the crop, flip and caption."""
+
+    def __init__(self, data: TrainingData, models: Models, args):
+        self.samples, self.cache = data.samples, data.cache
+        self.vae_id, self.text_id = models.vae_id, models.text_id
+        self.seed, self.center_crop, self.random_flip = args.seed, args.center_crop, args.random_flip
+        self.caption_dropout = args.caption_dropout
+        self.cache_latents, self.cache_text = args.cache_latents, args.cache_text_embeddings
+
+    def __len__(self):
+        return len(self.samples)
+
+    def augmentation(self, sample, epoch):
+        # Cached latents fix one crop/flip per image (the epoch-0 choice): that is what the cache holds.
+        epoch = 0 if self.cache_latents else epoch
+        return loha_data.choose_augmentation(self.seed, epoch, sample.index, self.center_crop, self.random_flip)
+
+    def latent_key(self, sample, aug) -> str:
+        return loha_data.content_key("latents", sample.index, sample.sha256, sample.bucket,
+                                     dataclasses.astuple(aug), self.vae_id)
+
+    def text_key(self, caption: str) -> str:
+        return loha_data.content_key("text", caption, self.text_id)
+
+    def captions(self):
+        """Every caption the run can use (each of a list, and the empty prompt when dropout is on)."""
+        found = {""} if self.caption_dropout > 0 else set()
+        for s in self.samples:
+            found.update([s.sample.caption] if isinstance(s.sample.caption, str) else s.sample.caption)
+        return sorted(found)
+
+    def __getitem__(self, key):
+        position, epoch = key
+        sample = self.samples[position]
+        aug = self.augmentation(sample, epoch)
+        caption = loha_data.choose_caption(sample.sample.caption, self.seed, epoch, sample.index,
+                                           self.caption_dropout)
+        item = {"index": sample.index, "epoch": epoch}
+        if self.cache_latents:
+            item["latent_params"] = self._cached("latents", self.latent_key(sample, aug), sample.sample.name)["params"]
+            time_ids = loha_data.crop_geometry(sample.width, sample.height, sample.bucket, aug)[2]
+            item["time_ids"] = torch.tensor(time_ids, dtype=torch.float32)
+        else:
+            try:
+                item["pixels"], item["time_ids"] = loha_data.pixels_and_time_ids(
+                    sample.sample.read_bytes(), sample.bucket, aug)
+            except Exception as e:  # it decoded when checked: the file changed during the run
+                raise LoHaError(f"{sample.sample.name} can no longer be read: {e}") from None
+        if self.cache_text:
+            cached = self._cached("text", self.text_key(caption), repr(caption))
+            item["prompt_embeds"], item["pooled"] = cached["prompt_embeds"], cached["pooled"]
+        else:
+            item["caption"] = caption
+        return item
+
+    def _cached(self, kind, key, what):
+        tensors = self.cache.get(kind, key)
+        if tensors is None:
+            raise LoHaError(f"the {kind} cache entry for {what} disappeared from {self.cache.root} during the run")
+        return tensors
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+@torch.no_grad()
+def cache_features(data: TrainingData, models: Models, args, accelerator):
+    """Compute missing latents / text embeddings once (main process first), then free the device."""
+    data.dataset = dataset = SDXLTrainingSet(data, models, args)
+    with accelerator.main_process_first():
+        if args.cache_latents:
+            todo = [(s, dataset.augmentation(s, 0)) for s in data.samples]
+            todo = [(s, aug, dataset.latent_key(s, aug)) for s, aug in todo]
+            todo = [t for t in todo if data.cache.get("latents", t[2]) is None]
+            for sample, aug, key in progress_bar(accelerator, "caching latents")(todo):
+                pixels, _ = loha_data.pixels_and_time_ids(sample.sample.read_bytes(), sample.bucket, aug)
+                params = encode_latent_distribution(models, pixels[None])[0]
+                data.cache.put("latents", key, {"params": params})
+        if args.cache_text_embeddings:
+            todo = [c for c in dataset.captions() if data.cache.get("text", dataset.text_key(c)) is None]
+            for caption in progress_bar(accelerator, "caching text embeddings")(todo):
+                prompt_embeds, pooled = encode_prompts(models, [caption])
+                data.cache.put("text", dataset.text_key(caption), {"prompt_embeds": prompt_embeds[0],
+                                                                    "pooled": pooled[0]})
+    # What the training step no longer needs leaves the accelerator (validation borrows it back).
+    if args.cache_latents:
+        models.vae.to("cpu")
+    if args.cache_text_embeddings:
+        models.text_encoder.to("cpu")
+        models.text_encoder_2.to("cpu")
+
+
+def progress_bar(accelerator, description):
+    from tqdm.auto import tqdm
+
+    return lambda items: tqdm(items, desc=description, disable=not accelerator.is_main_process, leave=False)
+
+
+# ================================================================================== prepare/resume
+@dataclasses.dataclass
+class Run:
+    accelerator: object
+    models: Models
+    data: TrainingData
+    trained: dict  # component name -> prepared (maybe DDP-wrapped) model
+    optimizer: object
+    lr_scheduler: object
+    batches_per_epoch: int
+    updates_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    global_step: int = 0
+    skipped_updates: int = 0
+    last_checkpoint: Path | None = None
+    last_grid: Path | None = None
+    last_validated_step: int | None = None
+    last_loss: float = float("nan")
+    images_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def prepare_training(models: Models, data: TrainingData, args, accelerator) -> Run:
+    """Optimizer, schedule and step counts; wrap for DDP; register adapter-only checkpoint hooks."""
+    from diffusers.optimization import get_scheduler
+
+    global_batch = args.train_batch_size * accelerator.num_processes
+    batches_per_epoch = len(loha_data.epoch_batches(data.samples, global_batch, args.seed, 0))
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+
+    trained = trained_models(models, args)
+    params = [p for model in trained.values() for p in loha.trainable_parameters(model)]
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * global_batch
+    optimizer = make_optimizer(params, lr, args)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
+                                 power=args.lr_power)
+    names = list(trained)
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    trained = dict(zip(names, prepared[:len(names)]))
+    optimizer, lr_scheduler = prepared[len(names):]
+    if args.compile:
+        trained["unet"] = torch.compile(trained["unet"])
+    run = Run(accelerator, models, data, trained, optimizer, lr_scheduler, batches_per_epoch, updates_per_epoch,
+              max_train_steps, num_epochs)
+    register_checkpoint_hooks(run, args)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("loha-sdxl", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                       for k, v in vars(args).items()})
+    return run
+
+
+def make_optimizer(params, lr, args):
+    if args.use_8bit_adam:  # check_args made sure it is installed
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def register_checkpoint_hooks(run: Run, args):
+    """accelerate's save/load_state write optimizer, scheduler, RNG and scaler; the models go through
+    these hooks, which store the adapters only (a PEFT LoHa folder per component), never frozen weights."""
+    accelerator = run.accelerator
+
+    def component_of(model):
+        unwrapped = accelerator.unwrap_model(model)
+        return next(name for name, m in run.trained.items() if accelerator.unwrap_model(m) is unwrapped)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                loha.save(accelerator.unwrap_model(model), Path(output_dir) / component_of(model),
+                          base_model=args.pretrained_model_name_or_path)
+        weights.clear()  # nothing else of the models is written
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            loha.load(accelerator.unwrap_model(model), Path(input_dir) / component_of(model))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. A checkpoint is only ever renamed into place once it is
+    complete, so a partial one never has a checkpoint-N name."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if m and (path / STATE_FILE).is_file():
+            found.append((int(m[1]), path))
+    return sorted(found)
+
+
+def resume_from_checkpoint(run: Run, args):
+    if not args.resume_from_checkpoint:
+        return
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            log(run, f"no checkpoint in {args.output_dir} yet; starting a new run")
+            return
+        path = checkpoints[-1][1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not (path / STATE_FILE).is_file():
+            raise LoHaError(f"--resume_from_checkpoint {path}: "
+                            + ("no such folder" if not path.exists() else f"not a checkpoint (no {STATE_FILE})"))
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        run.accelerator.load_state(str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LoHaError(f"cannot resume from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    run.global_step = int(state["global_step"])
+    run.last_checkpoint = path
+    log(run, f"resumed from {path} at step {run.global_step}")
+
+
+def log(run: Run, message: str):
+    if run.accelerator.is_main_process:
+        from tqdm.auto import tqdm
+        tqdm.write(message, file=sys.stderr)  # beside the progress bar, not into piped results
+
+
+# =========================================================================================== train
+def train(run: Run, args):
+    """The loop: windows of --gradient_accumulation_steps batches, one optimizer update each."""
+    from tqdm.auto import tqdm
+
+    accelerator = run.accelerator
+    nonfinite_streak = 0
+    for model in run.trained.values():
+        model.train()
+    with tqdm(total=run.max_train_steps, initial=run.global_step, desc="training", unit="step",
+              disable=not accelerator.is_main_process) as bar:
+        started = time.perf_counter()
+        for batches in remaining_windows(run, args):
+            ok, loss = train_one_update(run, args, batches)
+            run.images_seen += sum(len(b["index"]) for b in batches) * accelerator.num_processes
+            run.global_step += 1
+            nonfinite_streak = 0 if ok else nonfinite_streak + 1
+            if ok:
+                run.last_loss = loss
+            else:
+                run.skipped_updates += 1
+                log(run, f"warning: step {run.global_step}: loss is NaN/Inf; update skipped "
+                         f"({run.skipped_updates} so far)")
+                if nonfinite_streak >= NONFINITE_STREAK_LIMIT:
+                    bar.close()
+                    raise LoHaError(f"loss was NaN/Inf for {NONFINITE_STREAK_LIMIT} updates in a row (up to step "
+                                    f"{run.global_step}); stopped. Last good checkpoint: "
+                                    f"{run.last_checkpoint or 'none'}. Try a lower --learning_rate")
+            lr = run.lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"loss": run.last_loss, "lr": lr}, step=run.global_step)
+            run.train_seconds += time.perf_counter() - started  # data loading included, saving excluded
+            if run.global_step % args.checkpointing_steps == 0 and nonfinite_streak == 0:
+                save_checkpoint(run, args)  # never during a NaN/Inf streak: the last good one stays latest
+            if run.global_step % args.validation_steps == 0:
+                validate(run, args)
+            started = time.perf_counter()
+    accelerator.wait_for_everyone()
+
+
+def remaining_windows(run: Run, args):
+    """Loaded batches, one accumulation window at a time, from the current step (mid-epoch after a
+    resume, via accelerate's skip_first_batches) up to --max_train_steps. One DataLoader per epoch, so
+    its workers prefetch across updates."""
+    first_epoch = run.global_step // run.updates_per_epoch
+    for epoch in range(first_epoch, run.num_epochs):
+        windows = epoch_windows(run, args, epoch)
+        loader = torch.utils.data.DataLoader(
+            run.data.dataset, batch_sampler=[batch for window in windows for batch in window], collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+            generator=loha_data.torch_generator_for(args.seed, epoch, "loader"))  # leaves the global RNG alone
+        done_in_epoch = run.global_step - epoch * run.updates_per_epoch  # > 0 only when resuming mid-epoch
+        if done_in_epoch:
+            loader = run.accelerator.skip_first_batches(loader, sum(len(w) for w in windows[:done_in_epoch]))
+        batches = iter(loader)
+        for window in windows[done_in_epoch:]:
+            if run.global_step >= run.max_train_steps:
+                return
+            yield [next(batches) for _ in window]
+
+
+def epoch_windows(run: Run, args, epoch: int) -> list[list[list[tuple[int, int]]]]:
+    """This process's batches for ``epoch``, grouped into accumulation windows; items are (position, epoch)."""
+    acc = run.accelerator
+    global_batch = args.train_batch_size * acc.num_processes
+    batches = loha_data.epoch_batches(run.data.samples, global_batch, args.seed, epoch)
+    mine = [[(pos, epoch) for pos in loha_data.share_of_batch(b, acc.process_index, acc.num_processes)]
+            for b in batches]
+    step = args.gradient_accumulation_steps
+    return [mine[i:i + step] for i in range(0, len(mine), step)]
+
+
+def train_one_update(run: Run, args, batches: list[dict]) -> tuple[bool, float]:
+    """Forward/backward over an accumulation window's batches, then one optimizer step, unless any loss
+    (on any process) is NaN/Inf: then the whole update is skipped and the optimizer state left untouched."""
+    accelerator = run.accelerator
+    finite, losses = True, []
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.ExitStack() as stack:
+            if not last:  # gradients are all-reduced once per update, on its last batch
+                for model in run.trained.values():
+                    stack.enter_context(accelerator.no_sync(model))
+            loss = training_loss(run, args, batch)
+            if run.global_step + 1 in args.debug_nonfinite_steps:
+                loss = loss * float("nan")
+            finite = finite and bool(accelerator.gather(torch.isfinite(loss.detach()).float()[None]).all())
+            if finite:
+                accelerator.backward(loss / len(batches))
+                losses.append(loss.detach())
+    if finite:
+        params = [p for m in run.trained.values() for p in loha.trainable_parameters(accelerator.unwrap_model(m))]
+        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    mean_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item() if finite else float("nan")
+    return finite, mean_loss
+
+
+def draw_noise(args, batch, latent_shape, num_train_timesteps):
+    """Per sample, from a generator seeded by (seed, epoch, index): timestep, noise, and the latent's
+    own sampling noise. Independent of batch size, process count and resume point."""
+    timesteps, noise, latent_eps = [], [], []
+    for index, epoch in zip(batch["index"], batch["epoch"]):
+        g = loha_data.torch_generator_for(args.seed, epoch, index, "noise")
+        timesteps.append(torch.randint(0, num_train_timesteps, (), generator=g))
+        n = torch.randn(latent_shape, generator=g)
+        if args.noise_offset:  # a per-channel shift: lets the model learn very dark/bright images
+            n = n + args.noise_offset * torch.randn(latent_shape[0], 1, 1, generator=g)
+        noise.append(n)
+        latent_eps.append(torch.randn(latent_shape, generator=g))
+    return torch.stack(timesteps), torch.stack(noise), torch.stack(latent_eps)
+
+
+def training_loss(run: Run, args, batch) -> torch.Tensor:
+    """The diffusion loss for one batch, in fp32 (min-SNR weighted with --snr_gamma)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    models, device = run.models, run.accelerator.device
+    scheduler = models.noise_scheduler
+    with torch.no_grad():
+        params = batch["latent_params"] if "latent_params" in batch else encode_latent_distribution(
+            models, batch["pixels"])
+        posterior = DiagonalGaussianDistribution(params.float().cpu())
+    latent_shape = posterior.mean.shape[1:]
+    timesteps, noise, latent_eps = draw_noise(args, batch, latent_shape, scheduler.config.num_train_timesteps)
+    latents = (posterior.mean + posterior.std * latent_eps) * models.vae.config.scaling_factor
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if "prompt_embeds" in batch:
+        prompt_embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled"].to(device)
+    else:
+        with torch.set_grad_enabled(args.train_text_encoder):
+            prompt_embeds, pooled = encode_prompts(text_models(run), batch["caption"])
+    dtype = models.weight_dtype
+    prediction = run.trained["unet"](
+        noisy.to(dtype), timesteps, prompt_embeds.to(dtype),
+        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch["time_ids"].to(device, dtype)},
+        return_dict=False)[0]
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, args.snr_gamma)
+    return per_sample.mean()
+
+
+def min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
+    """min(SNR, γ)/SNR for epsilon targets, min(SNR, γ)/(SNR+1) for v targets (Hang et al. 2023)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+
+
+def text_models(run: Run) -> Models:
+    """Models with the prepared (DDP-wrapped) text encoders when they train, so their gradients sync."""
+    if "text_encoder" not in run.trained:
+        return run.models
+    return dataclasses.replace(run.models, text_encoder=run.trained["text_encoder"],
+                               text_encoder_2=run.trained["text_encoder_2"])
+
+
+# ==================================================================================== checkpoints
+def save_checkpoint(run: Run, args):
+    """checkpoint-<step>/: accelerate state + adapters, written into a temp folder beside it, fsynced and
+    renamed into place (loha.atomic_directory), so a crash never leaves a half checkpoint that looks
+    complete. Then the oldest beyond --checkpoints_total_limit are removed."""
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = run.accelerator
+    final = Path(args.output_dir) / f"checkpoint-{run.global_step}"
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = [str(stack.enter_context(loha.atomic_directory(final))) if accelerator.is_main_process else None]
+            if accelerator.num_processes > 1:
+                broadcast_object_list(tmp)
+            accelerator.save_state(tmp[0])
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (Path(tmp[0]) / STATE_FILE).write_text(json.dumps({"global_step": run.global_step}))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise LoHaError(f"could not write {final}: {str(e).strip().splitlines()[0]}; the previous checkpoint "
+                        f"({run.last_checkpoint or 'none'}) is intact") from None
+    accelerator.wait_for_everyone()
+    run.last_checkpoint = final
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        import shutil
+        for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
+
+
+# ===================================================================================== validation
+def validate(run: Run, args):
+    """Images from the live adapter for each --validation_prompt, saved as a PNG grid and logged."""
+    if not args.validation_prompt or run.last_validated_step == run.global_step:
+        return
+    run.last_validated_step = run.global_step
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # validation must not shift training RNG
+            images = generate_validation_images(run, args)
+        run.last_grid = save_grid(images, args, run.global_step)
+        log_images(run, images, args)
+    accelerator.wait_for_everyone()
+
+
+def generate_validation_images(run: Run, args) -> list[list]:
+    from diffusers import StableDiffusionXLPipeline
+
+    models, accelerator = run.models, run.accelerator
+    device = accelerator.device
+    unwrapped = {name: accelerator.unwrap_model(m) for name, m in run.trained.items()}
+    for model in (models.vae, models.text_encoder, models.text_encoder_2):
+        model.to(device)
+    pipe = StableDiffusionXLPipeline(
+        vae=models.vae, text_encoder=unwrapped.get("text_encoder", models.text_encoder),
+        text_encoder_2=unwrapped.get("text_encoder_2", models.text_encoder_2), tokenizer=models.tokenizer,
+        tokenizer_2=models.tokenizer_2, unet=unwrapped["unet"], scheduler=models.sampling_scheduler,
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for model in unwrapped.values():
+        model.eval()
+    rows = []
+    try:
+        with accelerator.autocast():
+            for prompt in args.validation_prompt:
+                generator = torch.Generator(device=device).manual_seed(args.seed)
+                rows.append(pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generator,
+                                 num_inference_steps=args.num_validation_inference_steps,
+                                 height=args.resolution, width=args.resolution).images)
+    finally:
+        for model in unwrapped.values():
+            model.train()
+        if args.cache_latents:
+            models.vae.to("cpu")
+        if args.cache_text_embeddings:
+            models.text_encoder.to("cpu")
+            models.text_encoder_2.to("cpu")
+    return rows
+
+
+def save_grid(rows: list[list], args, step: int) -> Path:
+    """One row per prompt; prompt and step go into the PNG's text chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * w, y * h))
+    info = PngInfo()
+    info.add_text("prompt", "\n".join(args.validation_prompt))
+    info.add_text("step", str(step))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG", pnginfo=info)
+    file = Path(args.output_dir) / "samples" / f"step-{step}.png"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    loha.atomic_write_bytes(file, buffer.getvalue())
+    return file
+
+
+def log_images(run: Run, rows, args):
+    import numpy as np
+
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            images = np.stack([np.asarray(image) for row in rows for image in row])
+            tracker.writer.add_images("validation", images, run.global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+            tracker.log({"validation": [wandb.Image(image, caption=prompt) for prompt, row in
+                                        zip(args.validation_prompt, rows) for image in row]}, step=run.global_step)
+
+
+# ======================================================================================== outputs
+def save_final_outputs(run: Run, args):
+    """unet/ (PEFT LoHa folder), <output_name>.safetensors (kohya), training_args.json, README.md, and a
+    last sample grid; each written atomically."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out, base = Path(args.output_dir), args.pretrained_model_name_or_path
+        unwrapped = {name: accelerator.unwrap_model(m) for name, m in run.trained.items()}
+        for name, model in unwrapped.items():
+            loha.save(model, out / name, base_model=base)
+        loha.export_kohya(unwrapped["unet"], out / f"{args.output_name}.safetensors",
+                          text_encoder=unwrapped.get("text_encoder"), text_encoder_2=unwrapped.get("text_encoder_2"),
+                          base_model=base, metadata={"ss_steps": run.global_step, "ss_resolution": args.resolution,
+                                                     "ss_training_comment": trigger_prompt(run, args)})
+        settings = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}
+        loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings, indent=2).encode())
+        loha.atomic_write_bytes(out / "README.md", model_card(run, args).encode())
+    validate(run, args)  # the final adapter's images (unless the last step just made them)
+
+
+def trigger_prompt(run: Run, args) -> str:
+    if args.validation_prompt:
+        return args.validation_prompt[0]
+    caption = run.data.samples[0].sample.caption
+    return caption if isinstance(caption, str) else caption[0]
+
+
+def model_card(run: Run, args) -> str:
+    base = args.pretrained_model_name_or_path
+    rows = {"rank / alpha": f"{args.rank} / {args.alpha or args.rank}", "target modules": args.target_modules,
+            "text encoders trained": args.train_text_encoder, "resolution": args.resolution,
+            "aspect buckets": args.enable_bucket, "steps": run.global_step,
+            "batch size (per device x processes x accumulation)":
+                f"{args.train_batch_size} x {run.accelerator.num_processes} x {args.gradient_accumulation_steps}",
+            "learning rate / schedule": f"{args.learning_rate} / {args.lr_scheduler}",
+            "mixed precision": run.accelerator.mixed_precision, "seed": args.seed,
+            "training images": len(run.data.samples)}
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+    return f"""---
+base_model: {base}
+library_name: diffusers
+tags: [stable-diffusion-xl, text-to-image, loha, lycoris]
+---
+# LoHa adapter for {base}
+
+Trigger prompt: `{trigger_prompt(run, args)}`
+
+| setting | value |
+|---|---|
+{table}
+
+## Use it
+- diffusers + this kit: `loha.load(pipe, "{args.output_dir}")`
+- PEFT: `pipe.unet = PeftModel.from_pretrained(pipe.unet, "{args.output_dir}/unet")`
+- ComfyUI / AUTOMATIC1111 / kohya: `{args.output_name}.safetensors` (LyCORIS LoHa)
+"""
+
+
+def print_summary(run: Run, args):
+    if run.accelerator.is_main_process:
+        print(summary(run, args))
+    run.accelerator.end_training()
+
+
+def summary(run: Run, args) -> str:
+    out = Path(args.output_dir)
+    lines = [f"trained {run.global_step} steps; wrote to {out}/:",
+             f"  unet/ (PEFT LoHa folder){' + text_encoder/, text_encoder_2/' if args.train_text_encoder else ''}",
+             f"  {args.output_name}.safetensors (kohya/LyCORIS: ComfyUI, AUTOMATIC1111)",
+             "  training_args.json, README.md"]
+    if run.last_grid:
+        lines.append(f"  samples: {run.last_grid.parent}/ (latest {run.last_grid.name})")
+    if run.last_checkpoint:
+        lines.append(f"  checkpoints: latest {run.last_checkpoint.name}")
+    if args.report_to == "tensorboard":
+        lines.append(f"  logs: tensorboard --logdir {out / args.logging_dir}")
+    if run.train_seconds:
+        lines.append(f"speed: {run.images_seen / run.train_seconds:.2f} images/s")
+    if run.skipped_updates:
+        lines.append(f"warning: {run.skipped_updates} updates were skipped for NaN/Inf loss")
+    if run.data.skipped:
+        lines.append(f"warning: {len(run.data.skipped)} samples were skipped: "
+                     + ", ".join(name for name, _ in run.data.skipped))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
