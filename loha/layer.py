@@ -38,22 +38,39 @@ class LoHaError(ValueError):
 def _products(w1a, w1b, w2a, w2b, row_scale):
     """P1 and P2 in the factors' dtype; rank/module dropout scales P1's rows via W1a (out×r, cheap)."""
     a1 = w1a if row_scale is None else w1a * row_scale[:, None]
-    return a1, a1 @ w1b, w2a @ w2b
+    return a1, torch.mm(a1, w1b), torch.mm(w2a, w2b)
+
+
+def _cast(t, dtype):
+    # A no-op .to() still costs a dispatcher call; on small layers those calls are the step time.
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _scaled(t, scale):
+    """t·scale in place; alpha = rank (the default) makes scale 1, and then it is no op at all."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
+def _effective_weight(weight, p1, p2, scale, dtype):
+    """W + scale·P1⊙P2, summed in the wider of W's and the factors' dtypes, cast once to ``dtype``."""
+    wide = p1.dtype if weight.dtype == p1.dtype else torch.promote_types(weight.dtype, p1.dtype)
+    return _cast(torch.addcmul(_cast(weight, wide), p1, p2, value=scale), dtype)
 
 
 class _LoHaLinearFunction(torch.autograd.Function):
+    # Written for few kernel launches per layer: on GPU and CPU alike, an adapted SDXL attention linear
+    # is small enough that launches and dispatch, not FLOPs, set the step time (BENCHMARKS.md).
     @staticmethod
     def forward(ctx, x, weight, bias, w1a, w1b, w2a, w2b, scale, row_scale, merged):
         _, p1, p2 = _products(w1a, w1b, w2a, w2b, row_scale)
-        wdtype = torch.promote_types(w1a.dtype, weight.dtype)
-        b = None if bias is None else bias.to(x.dtype)
         if merged:
-            y = F.linear(x, torch.addcmul(weight.to(wdtype), p1, p2, value=scale).to(x.dtype), b)
+            y = F.linear(x, _effective_weight(weight, p1, p2, scale, x.dtype), _cast(bias, x.dtype))
         else:
-            delta = (p1.mul_(p2).mul_(scale)).to(x.dtype)
-            y = F.linear(x, weight.to(x.dtype), b) + F.linear(x, delta)
-        ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b, row_scale)
-        ctx.scale, ctx.merged, ctx.has_bias = scale, merged, bias is not None
+            y = F.linear(x, _cast(weight, x.dtype), _cast(bias, x.dtype))
+            y += F.linear(x, _cast(_scaled(p1.mul_(p2), scale), x.dtype))
+        if ctx is not None:  # None: called directly for inference, nothing to save
+            ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b, row_scale)
+            ctx.scale, ctx.merged, ctx.has_bias = scale, merged, bias is not None
         return y
 
     @staticmethod
@@ -62,31 +79,32 @@ class _LoHaLinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         scale = ctx.scale
         a1, p1, p2 = _products(w1a, w1b, w2a, w2b, row_scale)
-        g2 = g.reshape(-1, g.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = g1a = g1b = g2a = g2b = None
         if need[0]:
             if ctx.merged:
-                w_eff = torch.addcmul(weight.to(p1.dtype), p1, p2, value=scale).to(g.dtype)
-                grad_x = (g2 @ w_eff).view(x.shape)
+                grad_x = g @ _effective_weight(weight, p1, p2, scale, g.dtype)
             else:
-                grad_x = (g2 @ weight.to(g.dtype) + g2 @ (p1 * p2 * scale).to(g.dtype)).view(x.shape)
+                grad_x = g @ _cast(weight, g.dtype)
+                grad_x += g @ _cast(_scaled(p1 * p2, scale), g.dtype)
+        g2 = g.reshape(-1, g.shape[-1])
         if need[2] and ctx.has_bias:
-            grad_b = g2.sum(0).to(weight.dtype)
-        if any(need[1:2]) or any(need[3:7]):
-            gx = g2.t() @ x2  # out×in, the only activation-sized product
+            grad_b = _cast(g2.sum(0), weight.dtype)
+        need_factors = need[3] or need[4] or need[5] or need[6]
+        if need[1] or need_factors:
+            gx = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))  # out×in, the only activation-sized product
             if need[1]:
-                grad_w = gx.to(weight.dtype)
-            if any(need[3:7]):
-                G = gx.to(p1.dtype) * scale  # new tensor: gx may alias grad_w
+                grad_w = _cast(gx, weight.dtype)
+            if need_factors:
+                # scale·gᵀx in the factors' dtype; in place, unless gx is also the returned grad_w
+                G = gx.to(p1.dtype) * scale if need[1] else _scaled(_cast(gx, p1.dtype), scale)
                 gp2 = G * p2
                 del p2
-                g1a = gp2 @ w1b.t()
-                g1b = a1.t() @ gp2
+                g1a = F.linear(gp2, w1b)  # gp2·W1bᵀ without a transpose op
+                g1b = torch.mm(a1.t(), gp2)
                 del gp2
                 gp1 = G.mul_(p1)
-                g2a = gp1 @ w2b.t()
-                g2b = w2a.t() @ gp1
+                g2a = F.linear(gp1, w2b)
+                g2b = torch.mm(w2a.t(), gp1)
                 if row_scale is not None:
                     g1a = g1a * row_scale[:, None]
         return grad_x, grad_w, grad_b, g1a, g1b, g2a, g2b, None, None, None
@@ -207,12 +225,18 @@ class LoHaLinear(nn.Module):
         if self.merged or self.multiplier == 0:
             return self.base_layer(x)
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if torch.is_autocast_enabled(dev):  # compute in autocast's dtype, as the Linear it replaces would
+            with torch.autocast(dev, enabled=False):
+                return self._apply_function(x.to(torch.get_autocast_dtype(dev)))
+        return self._apply_function(x)
+
+    def _apply_function(self, x):
         base = self.base_layer
-        with torch.autocast(dev, enabled=False):
-            return _LoHaLinearFunction.apply(
-                x.to(dtype), base.weight, base.bias, *self.factors(), self.scale, self._row_scale(),
-                self._forward_mode == "merged")
+        if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
+            return _LoHaLinearFunction.forward(None, x, base.weight, base.bias, *self.factors(), self.scale,
+                                               self._row_scale(), self._forward_mode == "merged")
+        return _LoHaLinearFunction.apply(x, base.weight, base.bias, *self.factors(), self.scale,
+                                         self._row_scale(), self._forward_mode == "merged")
 
     # -- merge / unmerge -----------------------------------------------------------------------
     @torch.no_grad()

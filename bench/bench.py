@@ -1,0 +1,671 @@
+"""Training-step speed, peak memory and inference time of LoHa implementations, side by side.
+
+One process, one device, one loop for every variant:
+
+    floor         the frozen UNet, no adapter, backward taken to the input latents
+    loha-merged   this project, forward_mode="merged"  (one GEMM with W + ΔW)
+    loha-bypass   this project, forward_mode="bypass"  (base(x) + x·ΔWᵀ)
+    peft-loha     PEFT LoHa (inject_adapter_in_model + LoHaConfig, the same targets)
+    lycoris-loha  LyCORIS LoHa (preset target_module=["Attention"], algo loha)
+    peft-lora     PEFT LoRA at rank 2r: the same parameter count, for reference
+
+    python bench/bench.py --model tiny --device cpu --threads 1 --rounds 5 --steps 10 --json bench-cpu.json
+    python bench/bench.py --model sdxl --device cuda --dtype bf16 --resolution 1024 --batch_size 1 \
+        --steps 8 --warmup 3 --json sdxl-bs1.json
+
+A training step is forward + backward + AdamW (fused on CUDA, foreach on CPU, the same settings for
+every variant). Adapter factors are fp32 for every variant (diffusers' ``cast_training_params``
+convention); with ``--dtype bf16`` the base is bf16 and the forward runs under bf16 autocast, as
+accelerate's mixed precision does. Every variant gets a fresh UNet with the same seeded weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import loha  # noqa: E402
+from loha.tiny_sdxl import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_unet  # noqa: E402
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+VARIANTS = ("floor", "loha-merged", "loha-bypass", "peft-loha", "lycoris-loha", "peft-lora")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class BenchError(Exception):
+    """A bad command line or an environment that cannot run the requested benchmark."""
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def unet_config(model: str) -> dict:
+    return {"tiny": TINY_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}[model]
+
+
+@torch.no_grad()
+def _cheap_init(unet: nn.Module, seed: int):
+    """Seeded weights for an SDXL UNet built on the meta device, without diffusers' slow init.
+
+    Linear/conv weights ~ N(0, 1/fan_in) keep activations O(1) through the 70 transformer blocks
+    (uninitialised memory could hold NaN or denormals, which would distort CPU timings); norms are
+    identity. The numbers are meaningless, the shapes and the work are SDXL's.
+    """
+    gen = torch.Generator(device=next(unet.parameters()).device).manual_seed(seed)
+    for module in unet.modules():
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = weight[0].numel()
+            weight.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+        elif isinstance(weight, nn.Parameter):
+            weight.fill_(1.0)
+        if isinstance(bias, nn.Parameter):
+            bias.zero_()
+    for buffer in unet.buffers():
+        buffer.zero_()
+
+
+def build_unet(model: str, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A fresh UNet with identical seeded weights every call, on ``device`` in ``dtype``."""
+    if model == "tiny":
+        return tiny_unet(seed).to(device=device, dtype=dtype)
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet = unet.to(dtype).to_empty(device=device)
+    _cheap_init(unet, seed)
+    return unet
+
+
+def make_inputs(model: str, batch_size: int, resolution: int, device, dtype, seed: int) -> dict:
+    """Random UNet inputs with SDXL's conditioning shapes: latents, text states, pooled text, time ids."""
+    cfg = unet_config(model)
+    if resolution % 8:
+        raise BenchError(f"--resolution must be a multiple of 8 (the VAE factor), got {resolution}")
+    gen = torch.Generator().manual_seed(seed)
+    side = resolution // 8
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    return {
+        "sample": rand(batch_size, cfg["in_channels"], side, side),
+        "timestep": torch.randint(0, 1000, (batch_size,), generator=gen).to(device),
+        "encoder_hidden_states": rand(batch_size, 77, cfg["cross_attention_dim"]),
+        "added_cond_kwargs": {
+            "text_embeds": rand(batch_size, pooled),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size,
+                                     device=device, dtype=dtype),
+        },
+        "target": rand(batch_size, cfg["out_channels"], side, side),
+    }
+
+
+def add_adapter(name: str, unet: nn.Module, rank: int):
+    """Put adapter ``name`` on ``unet``'s attention linears. Returns (trainable params, extras)."""
+    extras = {}
+    unet.requires_grad_(False)
+    if name == "floor":
+        return [], extras
+    if name in ("loha-merged", "loha-bypass"):
+        loha.inject(unet, rank=rank, alpha=rank, target_modules=TARGETS, forward_mode=name.split("-")[1])
+        params = loha.trainable_parameters(unet)
+        extras["adapted"] = sorted(loha.adapter_modules(unet))
+    elif name in ("peft-loha", "peft-lora"):
+        from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
+
+        if name == "peft-loha":
+            config = LoHaConfig(r=rank, alpha=rank, target_modules=TARGETS)
+        else:
+            config = LoraConfig(r=2 * rank, lora_alpha=2 * rank, target_modules=TARGETS)
+        inject_adapter_in_model(config, unet)  # called directly: PeftModel.forward wants transformers' args
+        params = [p for p in unet.parameters() if p.requires_grad]
+        extras["adapted"] = sorted({n.split(".hada_")[0].split(".lora_")[0]
+                                    for n, p in unet.named_parameters() if p.requires_grad})
+    elif name == "lycoris-loha":
+        import logging
+
+        from lycoris import LycorisNetwork
+
+        logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs a dozen INFO lines per network
+
+        # Presets are class-level globals: set the one we want right before building the network.
+        LycorisNetwork.apply_preset({"target_module": ["Attention"]})
+        network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, network_module="loha")
+        network.apply_to()
+        device = next(unet.parameters()).device
+        network.to(device)  # factors stay fp32, as for the other variants
+        params = list(network.parameters())
+        extras["network"] = network
+        extras["adapted"] = sorted(m.lora_name.removeprefix("lycoris_") for m in network.loras)
+    else:
+        raise BenchError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    for p in params:
+        p.data = p.data.float()
+    return params, extras
+
+
+def check_same_targets(adapted: dict[str, list[str]]):
+    """Every adapter variant must wrap exactly the same linears, or the comparison means nothing."""
+    reference = None
+    for name, paths in adapted.items():
+        if name == "floor":
+            continue
+        keys = sorted(p.replace(".", "_") for p in paths)
+        if reference is None:
+            reference = (name, keys)
+        elif keys != reference[1]:
+            extra = sorted(set(keys) ^ set(reference[1]))[:4]
+            raise BenchError(f"{name} adapts different layers than {reference[0]} "
+                             f"({len(keys)} vs {len(reference[1])}; e.g. {extra})")
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory over a block: max_memory_allocated on CUDA; on Linux CPU, the peak RSS (VmHWM,
+    reset through /proc/self/clear_refs) minus the RSS at the start. The CPU number is approximate:
+    the allocator keeps freed pages, so it can under-count; it is None where it cannot be measured."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._start = _status_kib("VmRSS")
+            except OSError:
+                self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._start is not None:
+            peak = _status_kib("VmHWM")
+            self.peak_bytes = None if peak is None else max(peak - self._start, 0) * 1024
+
+
+@dataclass
+class Variant:
+    name: str
+    unet: nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer | None
+    extras: dict
+    step_times: list = field(default_factory=list)
+    step_cpu_times: list = field(default_factory=list)
+    peak_bytes: int | None = None
+    gradients_checked: bool = False
+
+
+def make_optimizer(params, kind: str):
+    if not params:
+        return None
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **{kind: True})
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def train_step(v: Variant, inputs: dict, device, dtype):
+    sample = inputs["sample"]
+    if v.name == "floor":
+        sample = sample.detach().requires_grad_(True)  # the backward reaches every layer, as with an adapter
+    with autocast(device, dtype):
+        out = v.unet(sample, inputs["timestep"], inputs["encoder_hidden_states"],
+                     added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(out.float(), inputs["target"].float())
+    loss.backward()
+    if not v.gradients_checked:  # once: a variant whose adapters get no gradient would time nothing useful
+        missing = sum(p.grad is None for p in v.params)
+        if missing:
+            raise BenchError(f"{v.name}: {missing} of {len(v.params)} trainable tensors got no gradient")
+        v.gradients_checked = True
+    if v.optimizer is not None:
+        v.optimizer.step()
+        v.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def primary(times: tuple[float, float], device: torch.device) -> float:
+    """The number the ratios use: wall time on GPU, CPU time on CPU (see timed)."""
+    return times[0] if device.type == "cuda" else times[1]
+
+
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds). On a shared CPU the second one is what the step
+    itself cost, whatever the neighbours did; on GPU only the wall time means anything."""
+    synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+@torch.inference_mode()
+def inference_times(v: Variant, inputs: dict, device, dtype, steps: int, warmup: int) -> dict:
+    """Median forward time in eval mode, with the adapter applied on the fly and, where the library can,
+    folded into the weights (fused)."""
+    v.unet.eval()
+    forward = lambda: v.unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                             added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)
+
+    def median_time():
+        with autocast(device, dtype):
+            for _ in range(warmup):
+                forward()
+            return statistics.median(primary(timed(forward, device), device) for _ in range(steps))
+
+    result = {"unfused_s": median_time()}
+    if v.name.startswith("loha-"):
+        loha.merge(v.unet)
+        result["fused_s"] = median_time()
+        loha.unmerge(v.unet)
+    elif v.name.startswith("peft-"):
+        layers = [m for m in v.unet.modules() if hasattr(m, "merge") and hasattr(m, "unmerge")
+                  and hasattr(m, "active_adapters")]
+        for m in layers:
+            m.merge()
+        result["fused_s"] = median_time()
+        for m in layers:
+            m.unmerge()
+    elif v.name == "lycoris-loha":  # last use of this network: it cannot be unmerged afterwards
+        network = v.extras["network"]
+        network.restore()
+        network.merge_to(1.0)
+        result["fused_s"] = median_time()
+    v.unet.train()
+    return result
+
+
+def saved_for_backward_bytes(v: Variant, inputs: dict, device, dtype) -> int:
+    """Bytes of the tensors autograd keeps for backward in one training step, beyond the model's own
+    parameters (counted once per storage). Exact and noise-free, on every device: this is where an
+    adapter that saves an out×in ΔW per layer shows."""
+    resident = {p.untyped_storage().data_ptr() for p in v.unet.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in resident:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(v, inputs, device, dtype)
+    return sum(saved.values())
+
+
+def build_variant(name, args, device, dtype) -> Variant:
+    torch.manual_seed(args.seed)
+    unet = build_unet(args.model, device, dtype, args.seed)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params, extras = add_adapter(name, unet, args.rank)
+    unet.train()
+    if args.compile:
+        unet = torch.compile(unet)
+    return Variant(name, unet, params, make_optimizer(params, args.optimizer), extras)
+
+
+def run_steps(v: Variant, inputs, device, dtype, steps: int):
+    with PeakMemory(device) as memory:
+        for _ in range(steps):
+            wall, cpu = timed(lambda: train_step(v, inputs, device, dtype), device)
+            v.step_times.append(wall)
+            v.step_cpu_times.append(cpu)
+    if memory.peak_bytes is not None:
+        v.peak_bytes = max(v.peak_bytes or 0, memory.peak_bytes)
+
+
+def measure(args) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda but torch sees no CUDA device")
+    inputs = make_inputs(args.model, args.batch_size, args.resolution, device, dtype, args.seed)
+    results, adapted = {}, {}
+
+    def finish(v: Variant):
+        times = v.step_cpu_times if device.type == "cpu" else v.step_times
+        results[v.name] = {
+            "params": sum(p.numel() for p in v.params),
+            "step_median_s": statistics.median(times),
+            "step_min_s": min(times),
+            "step_wall_median_s": statistics.median(v.step_times),
+            "step_cpu_median_s": statistics.median(v.step_cpu_times),
+            "steps_timed": len(times),
+            "peak_memory_bytes": v.peak_bytes,
+            "saved_for_backward_bytes": None if args.compile else saved_for_backward_bytes(v, inputs, device, dtype),
+            **(inference_times(v, inputs, device, dtype, args.infer_steps, args.warmup)
+               if args.infer_steps else {}),
+        }
+
+    if args.rounds == 1:
+        # One variant at a time, freed before the next: the only way a full SDXL fits several times over.
+        for name in args.variants:
+            v = build_variant(name, args, device, dtype)
+            adapted[name] = v.extras.get("adapted", [])
+            check_same_targets(adapted)
+            for _ in range(args.warmup):
+                train_step(v, inputs, device, dtype)
+            run_steps(v, inputs, device, dtype, args.steps)
+            finish(v)
+            del v
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        # Interleaved rounds: a shared or noisy machine slows all variants alike instead of one.
+        built = [build_variant(name, args, device, dtype) for name in args.variants]
+        for v in built:
+            adapted[v.name] = v.extras.get("adapted", [])
+        check_same_targets(adapted)
+        for v in built:
+            for _ in range(args.warmup):
+                train_step(v, inputs, device, dtype)
+        for _ in range(args.rounds):
+            for v in built:
+                run_steps(v, inputs, device, dtype, args.steps)
+        for v in built:
+            finish(v)
+    add_ratios(results)
+    return {"config": run_config(args), "environment": environment(device), "results": results}
+
+
+def add_ratios(results: dict):
+    for r in results.values():
+        for ref in ("floor", "peft-loha", "lycoris-loha"):
+            if ref in results:
+                r[f"step_vs_{ref}"] = r["step_median_s"] / results[ref]["step_median_s"]
+        if "floor" in results:
+            floor = results["floor"]
+            for key in ("unfused_s", "fused_s"):
+                if key in r and "unfused_s" in floor:
+                    r[f"{key[:-2]}_vs_floor"] = r[key] / floor["unfused_s"]
+            if r["peak_memory_bytes"] is not None and floor["peak_memory_bytes"] is not None:
+                r["peak_memory_over_floor_bytes"] = r["peak_memory_bytes"] - floor["peak_memory_bytes"]
+
+
+def run_config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+    import peft
+
+    try:
+        from importlib.metadata import version
+
+        lycoris_version = version("lycoris-lora")
+    except Exception:  # noqa: BLE001 - an optional comparison library
+        lycoris_version = None
+    env = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "lycoris": lycoris_version,
+        "loha": loha.__version__,
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def _ms(seconds):
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _ratio(x):
+    return "" if x is None else f"{x:.2f}×"
+
+
+def _mem(nbytes, on_gpu: bool):
+    if nbytes is None:
+        return "n/a"
+    return f"{nbytes / 2**30:.2f} GiB" if on_gpu else f"{nbytes / 2**20:.0f} MiB"
+
+
+def markdown_table(report: dict) -> str:
+    cfg, env, results = report["config"], report["environment"], report["results"]
+    on_gpu = torch.device(cfg["device"]).type == "cuda"
+    machine = env.get("gpu") or f"{env['cpu']} CPU, {env['cpu_threads']} torch thread(s)"
+    clock = "wall time, synchronised" if on_gpu else "process CPU time (wall time in the JSON)"
+    lines = [
+        f"{cfg['model']} UNet, {cfg['dtype']}, batch {cfg['batch_size']}, {cfg['resolution']}², rank {cfg['rank']}, "
+        f"grad ckpt {'on' if cfg['gradient_checkpointing'] else 'off'}, compile {'on' if cfg['compile'] else 'off'}, "
+        f"AdamW {cfg['optimizer']}; {machine}; {env['date_utc']}; torch {env['torch']}, diffusers "
+        f"{env['diffusers']}, peft {env['peft']}, lycoris {env['lycoris']}; {cfg['rounds']}×{cfg['steps']} timed "
+        f"steps after {cfg['warmup']} warm-up; times are {clock}",
+        "",
+        "| variant | params | step median ms | step min ms | vs floor | vs PEFT LoHa | vs LyCORIS "
+        f"| {'peak GiB (max allocated)' if on_gpu else 'peak memory'} | saved for backward MiB "
+        "| infer unfused ms | infer fused ms | unfused vs floor | fused vs floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        saved = r.get("saved_for_backward_bytes")
+        lines.append(
+            f"| {name} | {r['params']:,} | {_ms(r['step_median_s'])} | {_ms(r['step_min_s'])} "
+            f"| {_ratio(r.get('step_vs_floor'))} | {_ratio(r.get('step_vs_peft-loha'))} "
+            f"| {_ratio(r.get('step_vs_lycoris-loha'))} | {_mem(r['peak_memory_bytes'] if on_gpu else None, on_gpu)} "
+            f"| {'n/a' if saved is None else f'{saved / 2**20:.1f}'} "
+            f"| {_ms(r.get('unfused_s'))} | {_ms(r.get('fused_s'))} "
+            f"| {_ratio(r.get('unfused_vs_floor'))} | {_ratio(r.get('fused_vs_floor'))} |")
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def precision_table(size: int = 640, seed: int = 0) -> str:
+    """The merged forward's precision cost, measured: with a bf16 base, W + ΔW is rounded to W's precision
+    step, so the ΔW the forward really applies differs from the trained one; bypass rounds ΔW alone.
+    Reported: ‖ΔW_effective − ΔW‖/‖ΔW‖ at mean |ΔW| of 1e-5, 1e-4, 1e-3 on an SDXL-sized attention weight
+    (std 0.02), and the same for the layer's output change x·ΔWᵀ, which is what the next layer sees."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(size, size, generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(64, size, generator=gen).to(torch.bfloat16)
+    base = nn.Linear(size, size, bias=False).to(torch.bfloat16)
+    base.weight.copy_(weight)
+    layer = loha.LoHaLinear(base, 8)
+    lines = ["| mean abs ΔW | ΔW rel. error merged | ΔW rel. error bypass | output-change rel. error merged "
+             "| output-change rel. error bypass |", "|---|---|---|---|---|"]
+    for magnitude in (1e-5, 1e-4, 1e-3):
+        for p in layer.factors():
+            p.normal_(generator=gen)
+        layer.hada_w1_a.mul_(magnitude / layer.delta_weight().abs().mean())
+        dw = layer.delta_weight().double()
+        w = weight.double()
+        applied = {"merged": (w + dw).to(torch.bfloat16).double() - w, "bypass": dw.to(torch.bfloat16).double()}
+        true_change = x.double() @ dw.T
+        row = [f"{magnitude:g}"]
+        row += [f"{((applied[m] - dw).norm() / dw.norm()).item():.3g}" for m in ("merged", "bypass")]
+        for mode in ("merged", "bypass"):
+            layer.forward_mode = mode
+            change = layer(x).double() - (x.double() @ w.T)
+            row.append(f"{((change - true_change).norm() / true_change.norm()).item():.3g}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def train_throughput(train_argv: list[str]) -> dict:
+    """Run train_loha_sdxl.py's main() in this process. Reports the script's own images/s (images seen over
+    its loop time, data loading included) and how much of that loop was spent waiting on the DataLoader
+    (iterator ``__next__``: reading, decoding and collating a batch, or loading cached features; with
+    workers, the wait for them)."""
+    from torch.utils.data import dataloader
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train_loha_sdxl
+
+    waits, runs = [], []
+    original_next, original_train = dataloader._BaseDataLoaderIter.__next__, train_loha_sdxl.train
+
+    def timed_next(self):
+        start = time.perf_counter()
+        try:
+            return original_next(self)
+        finally:
+            waits.append(time.perf_counter() - start)
+
+    def kept_train(run, args):
+        runs.append(run)
+        waits.clear()  # only the training loop's batches: caching passes before it also use DataLoaders
+        return original_train(run, args)
+
+    dataloader._BaseDataLoaderIter.__next__ = timed_next
+    train_loha_sdxl.train = kept_train  # main() looks it up at call time
+    try:
+        code = train_loha_sdxl.main(train_argv)
+    finally:
+        dataloader._BaseDataLoaderIter.__next__, train_loha_sdxl.train = original_next, original_train
+    if code or not runs or not runs[0].train_seconds:
+        raise BenchError(f"train_loha_sdxl.py exited with {code} before timing any training step")
+    run = runs[0]
+    return {"steps": run.global_step, "images": run.images_seen, "loop_s": run.train_seconds,
+            "images_per_s": run.images_seen / run.train_seconds, "loader_wait_s": sum(waits),
+            "loader_share": sum(waits) / run.train_seconds, "loader_wait_max_s": max(waits, default=0.0),
+            "batches_loaded": len(waits)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("tiny", "sdxl"), default="tiny")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the base model's dtype")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's own)")
+    p.add_argument("--rank", type=int, default=8, help="LoHa rank r (PEFT LoRA gets 2r)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="> 1 keeps every variant in memory and interleaves them, round after round (for noisy CPUs)")
+    p.add_argument("--infer_steps", type=int, default=5, help="timed inference forwards (0 skips inference)")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet of every variant")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
+                   help=f"any of {', '.join(VARIANTS)}")
+    p.add_argument("--optimizer", choices=("fused", "foreach"), default=None,
+                   help="AdamW implementation for every variant (default: fused on CUDA, foreach on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--precision", action="store_true",
+                   help="only print the merged-vs-bypass bf16 precision table, then exit")
+    p.add_argument("--train_throughput", nargs=argparse.REMAINDER, default=None, metavar="TRAIN_ARGS",
+                   help="run train_loha_sdxl.py with these arguments (e.g. --demo --max_train_steps 30) and "
+                        "report images/s and the share of the loop spent waiting on the data loader; last flag")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 8 * unet_config(args.model)["sample_size"]
+    for name in ("batch_size", "rank", "steps", "rounds", "resolution"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.warmup < 0 or args.infer_steps < 0:
+        p.error("--warmup and --infer_steps must be >= 0")
+    args.variants = list(dict.fromkeys(args.variants))
+    if args.optimizer is None:
+        args.optimizer = "fused" if args.device.startswith("cuda") else "foreach"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    # Both settings are process-wide: put them back, so that a caller (e.g. pytest) is left as it was.
+    threads, verbosity = torch.get_num_threads(), diffusers_logging.get_verbosity()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    diffusers_logging.set_verbosity_error()  # the "kept in float32" notice on every .to(dtype)
+    try:
+        return run(args)
+    except BenchError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def run(args) -> int:
+    if args.precision:
+        print(precision_table())
+        return 0
+    if args.train_throughput is not None:
+        result = train_throughput(args.train_throughput)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps({"train_args": args.train_throughput, **result}, indent=2) + "\n")
+        return 0
+    report = measure(args)
+    table = markdown_table(report)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""bench/bench.py and bench/quality.py: they run end to end on the tiny UNet and report what they measured."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name):
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))  # quality.py imports bench.py as a sibling
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--infer_steps", "1",
+            "--threads", "1", "--json", str(out / "r.json"), "--markdown", str(out / "r.md")]
+    threads = torch.get_num_threads()
+    assert bench.main(argv) == 0
+    assert torch.get_num_threads() == threads  # --threads is put back for the caller
+    return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
+
+
+def test_tiny_bench_runs_every_variant_and_reports_consistent_numbers(bench, tiny_report):
+    report, table = tiny_report
+    results = report["results"]
+    assert list(results) == list(bench.VARIANTS)
+    # Same parameter count for LoHa r (any implementation) and LoRA 2r: 2r(in+out) per adapted linear.
+    loha_params = {results[v]["params"] for v in ("loha-merged", "loha-bypass", "peft-loha", "lycoris-loha",
+                                                   "peft-lora")}
+    assert len(loha_params) == 1 and results["floor"]["params"] == 0
+    from loha.tiny_sdxl import tiny_unet
+
+    linears = [m for p, m in tiny_unet().named_modules() if p.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert loha_params == {sum(2 * 8 * (m.in_features + m.out_features) for m in linears)}
+    for name, r in results.items():
+        assert r["steps_timed"] == 2 and 0 < r["step_min_s"] <= r["step_median_s"]
+        assert r["step_vs_floor"] == pytest.approx(r["step_median_s"] / results["floor"]["step_median_s"])
+        assert r["step_vs_peft-loha"] == pytest.approx(r["step_median_s"] / results["peft-loha"]["step_median_s"])
+        assert r["unfused_s"] > 0
+        assert f"| {name} | {r['params']:,} | {r['step_median_s'] * 1e3:.1f} |" in table
+    assert results["loha-merged"]["fused_s"] > 0 and results["peft-loha"]["fused_s"] > 0
+    assert "fused_s" not in results["floor"]
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def test_every_variant_adapts_the_same_linears(bench):
+    """LyCORIS' preset and PEFT's target matching must land on exactly our 136 tiny-UNet linears."""
+    import loha
+
+    paths = {}
+    for name in ("loha-merged", "peft-loha", "lycoris-loha", "peft-lora"):
+        unet = bench.build_unet("tiny", torch.device("cpu"), torch.float32, seed=0)
+        paths[name] = bench.add_adapter(name, unet, rank=2)[1]["adapted"]
+    ours = paths["loha-merged"]
+    assert len(ours) == 136 and all(p.endswith(("to_q", "to_k", "to_v", "to_out.0")) for p in ours)
+    bench.check_same_targets(paths)  # raises on any difference
+    assert sorted(paths["peft-loha"]) == sorted(ours)
+    assert sorted(p.replace(".", "_") for p in ours) == sorted(paths["lycoris-loha"])
+    unet = bench.build_unet("tiny", torch.device("cpu"), torch.float32, seed=0)
+    assert sorted(loha.inject(unet, 2)) == ours
+
+
+def test_check_same_targets_refuses_a_mismatch(bench):
+    with pytest.raises(bench.BenchError, match="lycoris-loha adapts different layers"):
+        bench.check_same_targets({"floor": [], "loha-merged": ["a.to_q", "a.to_k"],
+                                  "lycoris-loha": ["a_to_q", "a_to_k", "a_proj_in"]})
+
+
+def test_bad_resolution_is_a_one_line_error(bench, capsys):
+    assert bench.main(["--resolution", "60", "--steps", "1", "--variants", "floor"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_sdxl_meta_build_has_sdxl_shapes_and_finite_cheap_init(bench):
+    """The full-size path builds on meta: count without storage, and check the 560 attention linears."""
+    from diffusers import UNet2DConditionModel
+
+    from loha.tiny_sdxl import SDXL_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    linears = [p for p, m in unet.named_modules() if p.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert len(linears) == 560
+    small = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200)).to_empty(device="cpu")
+    bench._cheap_init(small, seed=0)
+    assert small[0].weight.std().item() == pytest.approx(300 ** -0.5, rel=0.05)
+    assert torch.equal(small[1].weight, torch.ones(200)) and not small[0].bias.any()
+
+
+def test_quality_compares_equal_parameter_counts_and_measures_ranks(tmp_path):
+    quality = _load("quality")
+    out = tmp_path / "q"
+    assert quality.main(["--ranks", "1", "2", "--steps", "2", "--eval_every", "1", "--eval_batches", "1",
+                         "--out", str(out)]) == 0
+    report = json.loads((out / "quality.json").read_text())
+    by = {(r["method"], r["rank"]): r for r in report["results"]}
+    assert set(by) == {("loha", 1), ("lora", 2), ("loha", 2), ("lora", 4)}
+    for r in (1, 2):
+        loha_r, lora_2r = by["loha", r], by["lora", 2 * r]
+        assert loha_r["params"] == lora_2r["params"]
+        # FedPara Prop. 1: LoHa reaches r² (= 1 or 4 here), LoRA 2r; the teacher's change is full rank.
+        assert all(k == r * r for k in loha_r["delta_w_rank"])
+        assert all(k == 2 * r for k in lora_2r["delta_w_rank"])
+        for res in (loha_r, lora_2r):
+            assert [s for s, _ in res["curve"]] == [0, 1, 2]
+            assert res["final_mse"] < res["initial_mse"]  # two steps toward the teacher already help
+    assert report["config"]["teacher_rank"] == 64
+    from PIL import Image
+
+    with Image.open(out / "quality.png") as image:
+        assert image.size == (900, 560)
+    assert "| 2 | " in (out / "quality.md").read_text()
+
+
+@pytest.mark.slow
+def test_sdxl_path_runs_one_step_on_cpu(bench, tmp_path):
+    """The full-size SDXL UNet (meta build, bf16, about 6 GB of RAM) trains one step at 64² on CPU."""
+    argv = ["--model", "sdxl", "--device", "cpu", "--dtype", "bf16", "--resolution", "64", "--steps", "1",
+            "--warmup", "0", "--infer_steps", "0", "--variants", "floor", "loha-merged",
+            "--json", str(tmp_path / "sdxl.json")]
+    assert bench.main(argv) == 0
+    results = json.loads((tmp_path / "sdxl.json").read_text())["results"]
+    assert results["loha-merged"]["params"] == 23_224_320  # DESIGN.md: SDXL LoHa r8
+
+
+# -- the speed work in loha/layer.py keeps the math: fast paths against float64 references -----------------
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_layer_gradcheck_float64_with_unit_scale(merged, row_scale):
+    """alpha == rank gives scale 1, where the backward skips its scale multiply: gradients stay exact."""
+    from loha.layer import _LoHaLinearFunction
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    factors = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(5, 2), (2, 6), (5, 2), (2, 6)]]
+    rows = torch.rand(5, dtype=torch.float64) + 0.5 if row_scale else None
+    fn = lambda x, w, b, *f: _LoHaLinearFunction.apply(x, w, b, *f, 1.0, rows, merged)
+    assert torch.autograd.gradcheck(fn, (x, w, b, *factors))
+
+
+@pytest.mark.parametrize("mode", ["merged", "bypass"])
+def test_layer_inference_path_equals_training_path_and_float64(mode):
+    """Under no_grad the layer skips autograd.Function: same numbers, bit for bit, as the training path."""
+    import loha
+
+    torch.manual_seed(0)
+    layer = loha.LoHaLinear(torch.nn.Linear(12, 10), 3, forward_mode=mode)  # alpha = rank: scale 1
+    with torch.no_grad():
+        for p in layer.factors():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+    w1a, w1b, w2a, w2b = (p.detach().double() for p in layer.factors())
+    reference = x.double() @ (layer.weight.double() + (w1a @ w1b) * (w2a @ w2b)).T + layer.bias.double()
+    assert torch.allclose(y.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_sums_w_and_delta_in_the_wider_dtype():
+    """bf16 factors on an fp32 base: W + ΔW is summed in fp32, so a ΔW far below bf16's step on W
+    still moves the output as the float64 reference says (summing in bf16 would be off by ~50 %)."""
+    import loha
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(16, 32))  # |W| ~ 1: bf16's step there is ~4e-3
+    layer = loha.LoHaLinear(base, 2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in layer.factors():
+            p.copy_(torch.randn(p.shape) * 0.15)  # |ΔW| ~ 1e-3
+    x = torch.randn(8, 32)
+    w1a, w1b, w2a, w2b = (p.double() for p in layer.factors())
+    true_change = x.double() @ ((w1a @ w1b) * (w2a @ w2b)).T
+    for mode in ("merged", "bypass"):
+        layer.forward_mode = mode
+        change = layer(x).double() - x.double() @ base.weight.double().T
+        assert ((change - true_change).norm() / true_change.norm()).item() < 0.02, mode
