@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -422,7 +423,10 @@ def load_training_data(args, accelerator) -> TrainingData:
     if args.train_data_dir:
         samples = loha_data.samples_from_folder(args.train_data_dir, args.caption_column, args.caption_extension)
     else:
-        samples = loha_data.samples_from_dataset(load_hf_dataset(args), args.image_column, args.caption_column)
+        folder = Path(args.dataset_name)
+        image_folder = folder if folder.is_dir() and not is_saved_dataset(folder) else None
+        samples = loha_data.samples_from_dataset(load_hf_dataset(args), args.image_column, args.caption_column,
+                                                 root=image_folder)
     samples = loha_data.select_samples(samples, args.max_train_samples, args.seed)
     report = loha_data.check_samples(samples, progress=progress_bar(accelerator, "checking images"))
     if report.skipped and accelerator.is_main_process:
@@ -435,18 +439,25 @@ def load_training_data(args, accelerator) -> TrainingData:
     return TrainingData(report.good, report.skipped, loha_data.FeatureCache(args.feature_cache_dir))
 
 
+def is_saved_dataset(name) -> bool:
+    """A folder written by save_to_disk (its image paths may point wherever the user's photos are)."""
+    return Path(name).is_dir() and any((Path(name) / f).exists() for f in ("dataset_dict.json", "state.json"))
+
+
 def load_hf_dataset(args):
     import datasets
 
     name = args.dataset_name
     try:
-        if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("dataset_dict.json", "state.json")):
+        if is_saved_dataset(name):
             dataset = datasets.load_from_disk(name)
         else:
             dataset = datasets.load_dataset(name, args.dataset_config_name, revision=args.revision,
                                             cache_dir=args.cache_dir)
-    except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise LoHaError(f"cannot load --dataset_name {name}: {str(e).strip().splitlines()[0]}") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        cause = e.__cause__ or e  # DatasetGenerationError wraps the reason, e.g. a file_name with ../ in it
+        reason = (str(cause).strip() or type(cause).__name__).splitlines()[0]
+        raise LoHaError(f"cannot load --dataset_name {name}: {reason}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise LoHaError(f"--dataset_name {name} has no 'train' split (it has {list(dataset)})")
@@ -870,6 +881,9 @@ def save_checkpoint(run: Run, args):
 
     accelerator = run.accelerator
     final = Path(args.output_dir) / f"checkpoint-{run.global_step}"
+    if accelerator.is_main_process:  # temp folders of checkpoint writes that were killed: never complete
+        for abandoned in Path(args.output_dir).glob(".checkpoint-*.tmp-*"):
+            shutil.rmtree(abandoned, ignore_errors=True)
     try:
         with contextlib.ExitStack() as stack:
             tmp = [str(stack.enter_context(loha.atomic_directory(final))) if accelerator.is_main_process else None]
@@ -879,13 +893,15 @@ def save_checkpoint(run: Run, args):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 (Path(tmp[0]) / STATE_FILE).write_text(json.dumps({"global_step": run.global_step}))
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        raise LoHaError(f"could not write {final}: {str(e).strip().splitlines()[0]}; the previous checkpoint "
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, without errno
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (
+            f"disk full? {shutil.disk_usage(args.output_dir).free / 2**20:.1f} MiB free "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
+        raise LoHaError(f"could not write {final}: {reason}; the previous checkpoint "
                         f"({run.last_checkpoint or 'none'}) is intact") from None
     accelerator.wait_for_everyone()
     run.last_checkpoint = final
     if accelerator.is_main_process and args.checkpoints_total_limit:
-        import shutil
         for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
             shutil.rmtree(old)
 
@@ -983,15 +999,26 @@ def save_final_outputs(run: Run, args):
     if accelerator.is_main_process:
         out, base = Path(args.output_dir), args.pretrained_model_name_or_path
         unwrapped = {name: accelerator.unwrap_model(m) for name, m in run.trained.items()}
-        for name, model in unwrapped.items():
-            loha.save(model, out / name, base_model=base)
-        loha.export_kohya(unwrapped["unet"], out / f"{args.output_name}.safetensors",
-                          text_encoder=unwrapped.get("text_encoder"), text_encoder_2=unwrapped.get("text_encoder_2"),
-                          base_model=base, metadata={"ss_steps": run.global_step, "ss_resolution": args.resolution,
-                                                     "ss_training_comment": trigger_prompt(run, args)})
-        settings = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}
-        loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings, indent=2).encode())
-        loha.atomic_write_bytes(out / "README.md", model_card(run, args).encode())
+        kohya_file = out / f"{args.output_name}.safetensors"
+        for name in [*unwrapped, kohya_file.name, "training_args.json", "README.md"]:
+            for abandoned in out.glob(f".{name}.tmp-*"):  # from a write that was killed
+                if abandoned.is_dir():
+                    shutil.rmtree(abandoned, ignore_errors=True)
+                else:
+                    abandoned.unlink(missing_ok=True)
+        try:
+            for name, model in unwrapped.items():
+                loha.save(model, out / name, base_model=base)
+            loha.export_kohya(unwrapped["unet"], kohya_file, text_encoder=unwrapped.get("text_encoder"),
+                              text_encoder_2=unwrapped.get("text_encoder_2"), base_model=base,
+                              metadata={"ss_steps": run.global_step, "ss_resolution": args.resolution,
+                                        "ss_training_comment": trigger_prompt(run, args)})
+            settings = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}
+            loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings, indent=2).encode())
+            loha.atomic_write_bytes(out / "README.md", model_card(run, args).encode())
+        except OSError as e:
+            raise LoHaError(f"could not write the final outputs to {out}: {e.strerror or e}; the latest checkpoint "
+                            f"({run.last_checkpoint or 'none'}) is intact") from None
     validate(run, args)  # the final adapter's images (unless the last step just made them)
 
 

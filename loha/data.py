@@ -124,8 +124,12 @@ def _read_kohya_folder(root: Path, caption_extension: str) -> list[tuple[str, ob
     return entries
 
 
-def samples_from_dataset(dataset, image_column: str, caption_column: str) -> list[Sample]:
-    """Samples from a ``datasets.Dataset`` (the train split of ``--dataset_name``)."""
+def samples_from_dataset(dataset, image_column: str, caption_column: str, root=None) -> list[Sample]:
+    """Samples from a ``datasets.Dataset`` (the train split of ``--dataset_name``).
+
+    With ``root`` (a local image folder), an image that is read from a file rather than embedded must
+    resolve, symlinks followed, inside it: the same rule as ``samples_from_folder``.
+    """
     from datasets import Image as ImageFeature
 
     if len(dataset) == 0:
@@ -140,6 +144,10 @@ def samples_from_dataset(dataset, image_column: str, caption_column: str) -> lis
         image = row[image_column]
         if not isinstance(image, dict):  # e.g. a column of file names
             image = {"bytes": None, "path": str(image)}
+        if root is not None and image.get("bytes") is None and not _inside(
+                Path(root, image.get("path") or "").resolve(), Path(root).resolve()):
+            raise LoHaError(f"--dataset_name {root}: image {image.get('path')!r} points outside the folder; "
+                            "refused (copy the image into the folder)")
         samples.append(Sample(i, image.get("path") or f"row {i}", row[caption_column], row=image))
     return samples
 

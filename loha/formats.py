@@ -341,6 +341,8 @@ def _group(tensors: dict, source: str, strip) -> dict[str, dict[str, torch.Tenso
     """{module name: {"hada_w1_a": t, ..., "alpha": t}}; anything else is an error naming the keys."""
     modules, unknown = {}, []
     for key, t in tensors.items():
+        if not key.isprintable():  # names end up in messages: no newlines or terminal escapes from a file
+            raise LoHaFileError(f"{source}: tensor name {_short(key)} contains control characters")
         name, _, suffix = key.rpartition(".")
         if suffix in FACTOR_NAMES or suffix == "alpha":
             modules.setdefault(strip(name), {})[suffix] = t
@@ -397,12 +399,17 @@ def _positive_number(value, integer: bool) -> bool:
         return False
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_peft_config(config: dict, source: str):
     """A config comes from strangers too: refuse values of the wrong type, and rank/alpha patterns with
     regex syntax (a crafted pattern could backtrack for hours) before anything uses them."""
     for key, integer in (("r", True), ("alpha", False)):
         if config.get(key) is not None and not _positive_number(config[key], integer):
-            raise LoHaFileError(f"{source}: config {key}={config[key]!r} is not a positive "
+            raise LoHaFileError(f"{source}: config {key}={_short(config[key])} is not a positive "
                                 f"{'integer' if integer else 'number'}")
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = config.get(key) or {}
@@ -410,7 +417,7 @@ def _check_peft_config(config: dict, source: str):
             raise LoHaFileError(f"{source}: config {key} must be a JSON object, got {type(patterns).__name__}")
         for pattern, value in patterns.items():
             if not PATTERN_KEY.fullmatch(pattern) or not _positive_number(value, integer):
-                raise LoHaFileError(f"{source}: config {key} entry {pattern[:80]!r}: {value!r} is not a module "
+                raise LoHaFileError(f"{source}: config {key} entry {_short(pattern)}: {_short(value)} is not a module "
                                     f"name mapped to a positive {'integer' if integer else 'number'}")
 
 
@@ -440,7 +447,7 @@ def _read_peft_config(file: Path) -> dict:
     if not isinstance(config, dict):
         raise LoHaFileError(f"{file} is not a JSON object")
     if config.get("peft_type") != "LOHA":
-        raise LoHaFileError(f"{file} describes a PEFT {config.get('peft_type')!r} adapter, not LOHA")
+        raise LoHaFileError(f"{file} describes a PEFT {_short(config.get('peft_type'))} adapter, not LOHA")
     return config
 
 

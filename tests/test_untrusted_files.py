@@ -101,9 +101,12 @@ class Hang(BaseException):
     """BaseException on purpose: an ``except Exception`` in the code under test must not swallow it."""
 
 
-def _vm_size() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+def _vm_size() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: only the time limit applies
+        return None
 
 
 @contextlib.contextmanager
@@ -115,10 +118,10 @@ def bounded(seconds=LOAD_SECONDS, extra_bytes=EXTRA_ADDRESS_SPACE):
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _vm_size() + extra_bytes
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    vm_size = _vm_size()
+    if vm_size is not None:
+        limit = vm_size + extra_bytes if hard == resource.RLIM_INFINITY else min(vm_size + extra_bytes, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
         yield
     finally:
@@ -127,6 +130,7 @@ def bounded(seconds=LOAD_SECONDS, extra_bytes=EXTRA_ADDRESS_SPACE):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.mark.skipif(_vm_size() is None, reason="the address-space guard needs Linux's /proc")
 def test_guards_catch_hangs_and_huge_allocations():
     """The guards above are what make "never hangs, never allocates without bound" testable: prove they bite."""
     limits = resource.getrlimit(resource.RLIMIT_AS)
@@ -170,7 +174,9 @@ def check_loaded_matches(model, file_tensors: dict, allow_nonfinite=False):
         assert layer.hada_w1_a.shape[0] == out_f and layer.hada_w1_b.shape[1] == in_f
         for factor in FACTOR_NAMES:
             expected = file_tensors[f"{name}.{factor}"].to(getattr(layer, factor).dtype)
-            assert torch.equal(getattr(layer, factor).detach(), expected), (path, factor)
+            actual = getattr(layer, factor).detach()
+            assert torch.equal(actual.isnan(), expected.isnan()), (path, factor)
+            assert torch.equal(actual.nan_to_num(0.0), expected.nan_to_num(0.0)), (path, factor)
             if not allow_nonfinite:
                 assert torch.isfinite(getattr(layer, factor)).all()
         assert layer.alpha > 0 and math.isfinite(layer.alpha)
@@ -315,36 +321,44 @@ def test_crafted_headers(tmp_path):
     tally.save()
 
 
+RARELY = st.sampled_from([False] * 9 + [True])  # hypothesis favours the first entries: mostly False
+
+
 @st.composite
 def loha_like_tensors(draw):
-    """Well-formed safetensors whose *content* is adversarial: ranks, shapes, dtypes, alphas, values."""
-    names = draw(st.lists(st.sampled_from([*KOHYA_NAMES, "lora_unet_blocks_9_to_q", "lycoris_blocks_0_to_k",
-                                           "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-                                           "lora_unet_blocks_0", "lora_unet_blocks_0_to_q_x"]),
-                          min_size=1, max_size=4, unique=True))
+    """Well-formed safetensors whose *content* is adversarial: ranks, shapes, dtypes, alphas, values.
+    Each fault is drawn rarely, so that a good share of examples load and get checked value by value."""
+    names = draw(st.lists(st.one_of(
+        st.sampled_from([*KOHYA_NAMES, "lora_unet_blocks_9_to_q", "lycoris_blocks_0_to_k",
+                         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_blocks_0",
+                         "lora_unet_blocks_0_to_q_x"]),
+        st.text(max_size=12).map(lambda t: "lora_unet_" + t)), min_size=1, max_size=4, unique=True))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     tensors = {}
     for name in names:
         out_f, in_f = LINEAR_SHAPES.get(KOHYA_NAMES.get(name), (8, 8))
-        rank = draw(st.integers(0, 10))
+        rank = draw(st.integers(0, 10)) if draw(RARELY) else draw(st.integers(1, 6))
         natural = {"hada_w1_a": [out_f, rank], "hada_w1_b": [rank, in_f],
                    "hada_w2_a": [out_f, rank], "hada_w2_b": [rank, in_f]}
         for factor, shape in natural.items():
-            if draw(st.integers(0, 19)) == 0:
+            if draw(RARELY) and draw(RARELY):
                 continue  # a missing factor
-            if draw(st.integers(0, 4)) == 0:
+            if draw(RARELY):
                 shape = draw(st.lists(st.integers(0, 10), max_size=3))
-            dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16,
-                                          torch.float64, torch.int32]))
+            dtype = torch.int32 if draw(RARELY) and draw(RARELY) else draw(
+                st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
             t = torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point else \
                 torch.randint(-3, 3, shape, generator=gen, dtype=dtype)
-            if t.numel() and dtype.is_floating_point and draw(st.integers(0, 9)) == 0:
+            if t.numel() and dtype.is_floating_point and draw(RARELY):
                 t.view(-1)[0] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
             tensors[f"{name}.{factor}"] = t
-        alpha = draw(st.one_of(st.none(), st.floats(width=32), st.lists(st.floats(-4, 8), max_size=3)))
+        if draw(RARELY):
+            alpha = draw(st.one_of(st.none(), st.floats(width=32), st.lists(st.floats(-4, 8), max_size=3)))
+        else:
+            alpha = draw(st.floats(0.25, 16))
         if alpha is not None:
             tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    if draw(st.integers(0, 9)) == 0:
+    if draw(RARELY):
         tensors[draw(st.sampled_from(["lora_unet_blocks_0_to_q.lora_down.weight", "stray", "x.hada_t1"]))] = \
             torch.zeros(2)
     return tensors
@@ -497,6 +511,10 @@ NAMED_FILES = {
     "module that is not a Linear (blocks_0)": (
         lambda v: kohya_with(v, {f"lora_unet_blocks_0.{f}": v.tensors[f"{Q}.{f}"] for f in (*FACTOR_NAMES, "alpha")}),
         "not Linear"),
+    "tensor name with a newline and a terminal escape": (
+        lambda v: kohya_with(v, {f"lora_unet_x\ny\x1b[2J.{f}": v.tensors[f"{Q}.{f}"]
+                                 for f in (*FACTOR_NAMES, "alpha")}),
+        "control characters"),
     "text-encoder weights loaded into one model": (
         lambda v: kohya_with(v, {f"lora_te1_blocks_0_to_q.{f}": v.tensors[f"{Q}.{f}"]
                                  for f in (*FACTOR_NAMES, "alpha")}), "pass the pipeline"),
@@ -741,7 +759,8 @@ def test_infer_cli_refuses_bad_files(case, tmp_path, valid, tiny_pipeline_dir, p
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-    record("infer.py", f"infer.py --checkpoint given: {case}", f"exit {proc.returncode}: {last}")
+    label = "a LoHa made for another model" if case.startswith("module the model") else case
+    record("infer.py", f"infer.py --checkpoint given: {label}", f"exit {proc.returncode}: {last}")
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert last.startswith("error: ") and expected_words.lower() in last.lower(), proc.stderr
