@@ -8,6 +8,8 @@ and nothing in the model changes until the whole file has been checked.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
@@ -45,10 +47,11 @@ class LoHaFileError(LoHaError):
 # --------------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
 def atomic_directory(dest):
-    """Yield a temp folder beside ``dest``; on success fsync it and rename it to ``dest``.
+    """Yield a temp folder beside ``dest``; on success fsync it and move it to ``dest`` atomically.
 
-    A crash leaves ``dest`` as it was (or, in the instant between two renames when ``dest`` existed,
-    a ``.<name>.old-*`` sibling holding the previous version), never a half-written ``dest``.
+    A crash leaves ``dest`` either as it was or complete, never half-written. Replacing an existing
+    ``dest`` is one atomic exchange (Linux renameat2); where that is unavailable it takes two renames,
+    and a crash between them leaves the previous version whole in a ``.<name>.old-*`` sibling.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -60,16 +63,34 @@ def atomic_directory(dest):
             if f.is_file():
                 _fsync_path(f)
         old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
+        if dest.exists() and _exchange_paths(tmp, dest):
+            old = tmp  # now holds the previous version
+        else:
+            if dest.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+                os.replace(dest, old / dest.name)
+            os.replace(tmp, dest)
         _fsync_path(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange_paths(a, b) -> bool:
+    """Swap two existing paths in one atomic step (renameat2 RENAME_EXCHANGE). False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def atomic_write_bytes(dest, data: bytes):

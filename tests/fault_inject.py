@@ -4,7 +4,8 @@
     python tests/fault_inject.py --zygote     # serve runs: one JSON request per stdin line, each run forked
 
 The script is not changed: its file-system calls are wrapped here. Every file event (a temp folder made,
-torch.save, Path.write_bytes/write_text, os.fsync, os.replace, shutil.rmtree) whose path is under the
+torch.save, Path.write_bytes/write_text, os.fsync, os.replace, the atomic folder exchange, shutil.rmtree)
+whose path is under the
 output dir is counted, and the fault fires just before the n-th one whose path contains a substring:
 
     kill:<substring>:<n>      SIGKILL this process (nothing is flushed, nothing cleaned up)
@@ -94,6 +95,9 @@ def install(fault: str, trace_file: str | None, output_dir: str):
     wrap(os, "fsync", fd_path)
     wrap(os, "replace", lambda src, dst, *a, **k: f"{os.path.abspath(src)} -> {os.path.abspath(dst)}")
     wrap(shutil, "rmtree", lambda path, *a, **k: path)
+    import loha.formats  # the atomic exchange that replaces an existing output folder
+
+    wrap(loha.formats, "_exchange_paths", lambda a, b: f"{os.path.abspath(a)} <-> {os.path.abspath(b)}")
 
     if trace_file:
         original_zero_grad = torch.optim.AdamW.zero_grad

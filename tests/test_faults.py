@@ -275,27 +275,28 @@ def test_kill_during_final_output_write(train_env, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_between_the_two_renames_of_an_existing_output(train_env, reference, tmp_path):
-    """Replacing an existing unet/ takes two renames (old aside, new in). A kill between them leaves no
-    unet/ and the previous version whole in .unet.old-*/unet; infer.py then uses the latest checkpoint."""
+@pytest.mark.parametrize("event,expect", [(6, "previous"), (7, "new")])
+def test_kill_around_the_exchange_that_replaces_an_existing_output(train_env, reference, tmp_path, event, expect):
+    """Replacing an existing unet/ is one atomic exchange (renameat2): a kill just before it leaves the
+    previous unet/ whole, a kill just after it (before the old copy is deleted) the new one whole; there
+    is no moment without a unet/."""
     out = tmp_path / "out"
     shutil.copytree(reference.out, out)
+    previous = out / "unet" / "adapter_model.safetensors"
+    marked = {k: t + 1 for k, t in tensors(previous).items()}  # so the two versions can be told apart
+    safetensors.torch.save_file(marked, previous, metadata={"format": "pt"})
     # a finished run resumed again: no training left, so only the final outputs are rewritten
-    run = run_training(train_env, out, "--resume_from_checkpoint", "latest", fault=f"kill:{out}/.unet.tmp-:6")
+    run = run_training(train_env, out, "--resume_from_checkpoint", "latest", fault=f"kill:{out}/.unet.tmp-:{event}")
     assert run.killed
-    assert not (out / "unet").exists()
-    old = list(out.glob(".unet.old-*/unet"))
-    assert len(old) == 1
-    assert_same_tensors(old[0] / "adapter_model.safetensors", reference.out / "unet" / "adapter_model.safetensors")
-    sys.path.insert(0, str(REPO))
-    try:
-        import infer
-        path, _ = infer.resolve_checkpoint(out)
-    finally:
-        sys.path.remove(str(REPO))
-    record(AREA_KILL, "SIGKILL between the two renames that replace an existing unet/",
-           f"no unet/; the previous version whole in {_tidy(old[0].parent.name)}/unet; infer.py falls back to "
-           f"{path.name}")
+    before_kill = run.trace[-2]["event"]
+    assert before_kill == ("_exchange_paths" if expect == "previous" else "rmtree"), run.trace[-3:]
+    expected = marked if expect == "previous" else safetensors.torch.load_file(
+        reference.out / "unet" / "adapter_model.safetensors")
+    got = safetensors.torch.load_file(out / "unet" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert (out / "unet" / "adapter_config.json").is_file()
+    record(AREA_KILL, f"SIGKILL just {'before' if expect == 'previous' else 'after'} the atomic exchange that "
+           "replaces an existing unet/", f"unet/ is the {expect} version, whole; no moment without a unet/")
 
 
 @pytest.mark.parametrize("seed", [5, pytest.param(2, marks=pytest.mark.slow), pytest.param(0, marks=pytest.mark.slow)])
