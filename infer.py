@@ -130,6 +130,8 @@ def resolve_checkpoint(path) -> tuple[Path, loha.Adapter]:
     """The adapter path to load and its parsed contents (validated, nothing loaded into a model yet)."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise InferError(f"--checkpoint {path} is a symlink that leads nowhere (broken, or a loop)")
         raise InferError(f"--checkpoint {path} does not exist")
     adapter_entries = ("unet", "text_encoder", "text_encoder_2", "adapter_config.json", "adapter_model.safetensors",
                        "adapter_model.bin")

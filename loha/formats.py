@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .inject import FACTOR_NAMES, _require_adapters, adapter_modules, inject
+from .inject import FACTOR_NAMES, _require_adapters, adapter_modules, inject, unwrap
 from .layer import LoHaError, LoHaLinear
 
 PEFT_PREFIX = "base_model.model."
@@ -151,6 +151,7 @@ def _short_targets(model, paths) -> list[str]:
 
 def peft_config(model, *, base_model=None) -> dict:
     """PEFT's LoHaConfig for the adapters in ``model`` (ranks/alphas that differ go to the patterns)."""
+    model = unwrap(model)
     layers = _require_adapters(model)
     r, rank_pattern = _common({p: m.rank for p, m in layers.items()})
     alpha, alpha_pattern = _common({p: m.alpha for p, m in layers.items()})
@@ -169,6 +170,7 @@ def peft_config(model, *, base_model=None) -> dict:
 def save(model: nn.Module, directory, *, base_model: str | None = None, dtype=None) -> Path:
     """Write the adapters of ``model`` as a PEFT LoHa folder (adapter_config.json +
     adapter_model.safetensors), atomically. ``PeftModel.from_pretrained(model, directory)`` loads it."""
+    model = unwrap(model)
     layers = _require_adapters(model)
     config = peft_config(model, base_model=base_model)
     tensors = {f"{PEFT_PREFIX}{p}.{n}": _cpu(getattr(m, n), dtype) for p, m in layers.items() for n in FACTOR_NAMES}
@@ -213,6 +215,7 @@ def kohya_state_dict(model: nn.Module, text_encoder: nn.Module | None = None,
     for component, module in (("unet", model), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if module is None:
             continue
+        module = unwrap(module)
         for path, layer in _require_adapters(module).items():
             name = kohya_name(component, module, path)
             for n in FACTOR_NAMES:
@@ -241,7 +244,7 @@ def export_kohya(model: nn.Module, file, text_encoder: nn.Module | None = None,
         "ss_sd_model_name": base_model or "",
         "loha.base_model": base_model or "",
     }
-    if is_sdxl_unet(model):
+    if is_sdxl_unet(unwrap(model)):
         meta.update({"ss_base_model_version": "sdxl_base_v1-0", "modelspec.sai_model_spec": "1.0.0",
                      "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                      "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})
@@ -678,12 +681,12 @@ def load(target, path, *, component: str | None = None, allow_nonfinite: bool = 
         if others or component not in adapter.components:
             raise LoHaFileError(f"{adapter.source} holds weights for {sorted(adapter.components)}, but one model was "
                                 f"given as {component!r}; pass the pipeline (loha.load(pipe, path)) or component=")
-        models = {component: target}
+        models = {component: unwrap(target)}
     else:
         missing = [c for c in adapter.components if not isinstance(getattr(target, c, None), nn.Module)]
         if missing:
             raise LoHaFileError(f"{adapter.source} holds weights for {missing} but the pipeline has no such model")
-        models = {c: getattr(target, c) for c in adapter.components}
+        models = {c: unwrap(getattr(target, c)) for c in adapter.components}
     plan = {}
     for c, model in models.items():  # validate every part before changing anything
         entries = _resolve(adapter, c, model)

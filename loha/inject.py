@@ -26,9 +26,14 @@ def _set_module(model: nn.Module, path: str, module: nn.Module):
     setattr(parent, name, module)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model behind ``torch.compile``'s wrapper, whose module paths carry no ``_orig_mod.`` prefix."""
+    return getattr(model, "_orig_mod", model)
+
+
 def adapter_modules(model: nn.Module) -> dict[str, LoHaLinear]:
     """{module path: LoHaLinear} for every adapter in ``model``, in module order."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoHaLinear)}
+    return {path: m for path, m in unwrap(model).named_modules() if isinstance(m, LoHaLinear)}
 
 
 def inject(model: nn.Module, rank: int = 8, alpha: float | None = None,
@@ -41,6 +46,7 @@ def inject(model: nn.Module, rank: int = 8, alpha: float | None = None,
     ``options`` go to LoHaLinear: rank_dropout, module_dropout, init, forward_mode, dtype.
     Returns the injected module paths.
     """
+    model = unwrap(model)
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     target_modules = set(target_modules)
@@ -72,7 +78,7 @@ def eject(model: nn.Module) -> list[str]:
     paths = []
     for path, layer in adapter_modules(model).items():
         layer.unmerge()
-        _set_module(model, path, layer.base_layer)
+        _set_module(unwrap(model), path, layer.base_layer)
         paths.append(path)
     return paths
 

@@ -243,3 +243,19 @@ def test_strict_loading_errors(tmp_path, base_unet, trained_unet):
         loha.load(copy.deepcopy(base_unet), tmp_path / "w.pt")
     with pytest.raises(loha.LoHaFileError, match="cannot open"):
         loha.load(copy.deepcopy(base_unet), tmp_path / "missing")
+
+
+def test_a_torch_compiled_model_saves_and_loads_with_plain_paths(tmp_path, base_unet, trained_unet):
+    """torch.compile wraps the model and prefixes every path with _orig_mod.; files must not carry it."""
+    compiled = torch.compile(trained_unet)  # a lazy wrapper: nothing is compiled until it is called
+    assert all(not p.startswith("_orig_mod") for p in loha.adapter_modules(compiled))
+    loha.save(compiled, tmp_path / "unet")
+    loha.export_kohya(compiled, tmp_path / "k.safetensors")
+    keys = safetensors.torch.load_file(tmp_path / "unet" / "adapter_model.safetensors")
+    assert keys.keys() == {f"base_model.model.{k}" for k in loha.adapter_state_dict(trained_unet)}
+    kohya = safetensors.torch.load_file(tmp_path / "k.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in kohya)
+    fresh = torch.compile(copy.deepcopy(base_unet))
+    assert sorted(loha.load(fresh, tmp_path / "unet")) == sorted(loha.adapter_modules(trained_unet))
+    loha.eject(fresh)
+    assert not loha.adapter_modules(fresh)

@@ -120,3 +120,23 @@ def test_set_scale_refused_while_merged_and_merge_is_all_or_nothing(base_unet):
     with pytest.raises(loha.LoHaError, match="NaN/Inf"):
         loha.merge(unet)
     assert all(not m.merged and torch.equal(m.weight, weights[p]) for p, m in loha.adapter_modules(unet).items())
+
+
+@pytest.mark.slow
+def test_compiled_gradients_match_eager(base_unet):
+    """torch.compile traces our autograd.Function whole (no graph breaks): same loss and gradients."""
+    unet = copy.deepcopy(base_unet)
+    loha.inject(unet, rank=4)
+    randomize_adapters(unet, std=0.3)
+    compiled = torch.compile(copy.deepcopy(unet))
+    inputs = unet_inputs()
+    grads = []
+    for model in (unet, compiled):
+        loss = model(**inputs).sample.pow(2).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in loha.trainable_parameters(model)]))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    assert len(g1) == len(g2) == 544
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-9

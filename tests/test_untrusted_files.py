@@ -747,7 +747,7 @@ def test_infer_cli_refuses_bad_files(case, tmp_path, valid, tiny_pipeline_dir, p
     if case == "pickle":
         path, expected_words = write(tmp_path / "adapter.ckpt", payloads["torch.save zip"]), "pickle"
     elif case == "symlink loop":
-        path, expected_words = tmp_path / "loop.safetensors", "loop.safetensors"
+        path, expected_words = tmp_path / "loop.safetensors", "symlink that leads nowhere"
         path.symlink_to(path)
     else:
         make, expected_words = NAMED_FILES[case]
