@@ -9,28 +9,28 @@
 """
 
 from .formats import (
-                      Adapter,
-                      LoHaFileError,
-                      atomic_directory,
-                      atomic_write_bytes,
-                      export_kohya,
-                      load,
-                      read_adapter,
-                      read_safetensors,
-                      save,
+    Adapter,
+    LoHaFileError,
+    atomic_directory,
+    atomic_write_bytes,
+    export_kohya,
+    load,
+    read_adapter,
+    read_safetensors,
+    save,
 )
 from .inject import (
-                      DEFAULT_TARGETS,
-                      adapter_modules,
-                      adapter_state_dict,
-                      count_parameters,
-                      eject,
-                      inject,
-                      merge,
-                      set_forward_mode,
-                      set_scale,
-                      trainable_parameters,
-                      unmerge,
+    DEFAULT_TARGETS,
+    adapter_modules,
+    adapter_state_dict,
+    count_parameters,
+    eject,
+    inject,
+    merge,
+    set_forward_mode,
+    set_scale,
+    trainable_parameters,
+    unmerge,
 )
 from .layer import LoHaError, LoHaLinear
 
