@@ -322,7 +322,7 @@ def run(args) -> list[Path]:
         raise InferError(f"cannot create --output_dir {out}: {e.strerror or e}") from None
 
     pipe = load_pipeline(base_model, args.vae, dtype)
-    adapted = [getattr(pipe, c) for c in loha.load(pipe, checkpoint)]  # strict: a bad shape = another base model
+    adapted = [getattr(pipe, c) for c in loha.load(pipe, adapter)]  # strict: a bad shape = another base model
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(device)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor  # 1024 for SDXL

@@ -669,10 +669,11 @@ def load(target, path, *, component: str | None = None, allow_nonfinite: bool = 
 
     ``target`` is a model (a UNet or a text encoder; ``component`` says which part of a multi-part file
     to take, default "unet") or a pipeline with ``.unet`` (and ``.text_encoder``/``.text_encoder_2``),
-    which gets every part the file holds. Returns the loaded module paths (a dict per component for a
-    pipeline). ``options`` go to LoHaLinear when injecting (e.g. forward_mode).
+    which gets every part the file holds. ``path`` may also be an ``Adapter`` already parsed by
+    ``read_adapter``, so a caller that inspected the file does not read it twice. Returns the loaded module
+    paths (a dict per component for a pipeline). ``options`` go to LoHaLinear when injecting.
     """
-    adapter = read_adapter(path, allow_nonfinite=allow_nonfinite, alpha=alpha)
+    adapter = path if isinstance(path, Adapter) else read_adapter(path, allow_nonfinite=allow_nonfinite, alpha=alpha)
     if isinstance(target, nn.Module):
         component = component or "unet"
         if component not in COMPONENTS:
