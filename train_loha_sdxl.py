@@ -582,6 +582,7 @@ class Run:
     updates_per_epoch: int
     max_train_steps: int
     num_epochs: int
+    params: list  # the LoHa factors being trained, as the optimizer holds them
     global_step: int = 0
     skipped_updates: int = 0
     last_checkpoint: Path | None = None
@@ -618,7 +619,7 @@ def prepare_training(models: Models, data: TrainingData, args, accelerator) -> R
     if args.compile:
         trained["unet"] = torch.compile(trained["unet"])
     run = Run(accelerator, models, data, trained, optimizer, lr_scheduler, batches_per_epoch, updates_per_epoch,
-              max_train_steps, num_epochs)
+              max_train_steps, num_epochs, params)
     register_checkpoint_hooks(run, args)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("loha-sdxl", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -642,21 +643,23 @@ def register_checkpoint_hooks(run: Run, args):
     these hooks, which store the adapters only (a PEFT LoHa folder per component), never frozen weights."""
     accelerator = run.accelerator
 
+    def bare(model):  # without DDP and torch.compile wrappers: the hooks get the model without the latter
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
     def component_of(model):
-        unwrapped = accelerator.unwrap_model(model)
-        return next(name for name, m in run.trained.items() if accelerator.unwrap_model(m) is unwrapped)
+        return next(name for name, m in run.trained.items() if bare(m) is bare(model))
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                loha.save(accelerator.unwrap_model(model), Path(output_dir) / component_of(model),
+                loha.save(bare(model), Path(output_dir) / component_of(model),
                           base_model=args.pretrained_model_name_or_path)
         weights.clear()  # nothing else of the models is written
 
     def load_hook(models, input_dir):
         while models:
             model = models.pop()
-            loha.load(accelerator.unwrap_model(model), Path(input_dir) / component_of(model))
+            loha.load(bare(model), Path(input_dir) / component_of(model))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -796,8 +799,7 @@ def train_one_update(run: Run, args, batches: list[dict]) -> tuple[bool, float]:
                 accelerator.backward(loss / len(batches))
                 losses.append(loss.detach())
     if finite:
-        params = [p for m in run.trained.values() for p in loha.trainable_parameters(accelerator.unwrap_model(m))]
-        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
         run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -829,11 +831,11 @@ def training_loss(run: Run, args, batch) -> torch.Tensor:
     with torch.no_grad():
         params = batch["latent_params"] if "latent_params" in batch else encode_latent_distribution(
             models, batch["pixels"])
-        posterior = DiagonalGaussianDistribution(params.float().cpu())
+        posterior = DiagonalGaussianDistribution(params.float().to(device))  # no device->host round trip
     latent_shape = posterior.mean.shape[1:]
-    timesteps, noise, latent_eps = draw_noise(args, batch, latent_shape, scheduler.config.num_train_timesteps)
+    timesteps, noise, latent_eps = (t.to(device) for t in draw_noise(  # drawn on the CPU: device-independent
+        args, batch, latent_shape, scheduler.config.num_train_timesteps))
     latents = (posterior.mean + posterior.std * latent_eps) * models.vae.config.scaling_factor
-    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if "prompt_embeds" in batch:
         prompt_embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled"].to(device)
@@ -926,7 +928,7 @@ def generate_validation_images(run: Run, args) -> list[list]:
 
     models, accelerator = run.models, run.accelerator
     device = accelerator.device
-    unwrapped = {name: accelerator.unwrap_model(m) for name, m in run.trained.items()}
+    unwrapped = {name: accelerator.unwrap_model(m, keep_torch_compile=False) for name, m in run.trained.items()}
     for model in (models.vae, models.text_encoder, models.text_encoder_2):
         model.to(device)
     pipe = StableDiffusionXLPipeline(
@@ -998,7 +1000,7 @@ def save_final_outputs(run: Run, args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out, base = Path(args.output_dir), args.pretrained_model_name_or_path
-        unwrapped = {name: accelerator.unwrap_model(m) for name, m in run.trained.items()}
+        unwrapped = {name: accelerator.unwrap_model(m, keep_torch_compile=False) for name, m in run.trained.items()}
         kohya_file = out / f"{args.output_name}.safetensors"
         for name in [*unwrapped, kohya_file.name, "training_args.json", "README.md"]:
             for abandoned in out.glob(f".{name}.tmp-*"):  # from a write that was killed

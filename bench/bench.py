@@ -364,7 +364,7 @@ def measure(args) -> dict:
     results, adapted = {}, {}
 
     def finish(v: Variant):
-        times = v.step_cpu_times if device.type == "cpu" else v.step_times
+        times = v.step_times if device.type == "cuda" else v.step_cpu_times  # the same rule as primary()
         results[v.name] = {
             "params": sum(p.numel() for p in v.params),
             "step_median_s": statistics.median(times),

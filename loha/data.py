@@ -50,16 +50,14 @@ class Sample:
     name: str
     caption: object  # a str, or a list of str (one is picked per epoch)
     path: Path | None = None  # a file, or...
-    row: dict | None = None  # ...a datasets Image(decode=False) value: {"bytes": ..., "path": ...}
+    row: dict | None = None  # ...a datasets Image(decode=False) value with embedded "bytes"
 
     def read_bytes(self) -> bytes:
         if self.path is not None:
             if self.path.stat().st_size > MAX_IMAGE_BYTES:
                 raise OSError(f"file is larger than {MAX_IMAGE_BYTES >> 20} MiB")
             return self.path.read_bytes()
-        if self.row.get("bytes") is not None:
-            return self.row["bytes"]
-        return Path(self.row["path"]).read_bytes()
+        return self.row["bytes"]
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -144,11 +142,16 @@ def samples_from_dataset(dataset, image_column: str, caption_column: str, root=N
         image = row[image_column]
         if not isinstance(image, dict):  # e.g. a column of file names
             image = {"bytes": None, "path": str(image)}
-        if root is not None and image.get("bytes") is None and not _inside(
-                Path(root, image.get("path") or "").resolve(), Path(root).resolve()):
+        name = image.get("path") or f"row {i}"
+        if image.get("bytes") is not None:
+            samples.append(Sample(i, name, row[caption_column], row=image))
+            continue
+        # read from a file: check and then read the same resolved path, through the size-checked reader
+        path = Path(root, image.get("path") or "").resolve() if root is not None else Path(image.get("path") or "")
+        if root is not None and not _inside(path, Path(root).resolve()):
             raise LoHaError(f"--dataset_name {root}: image {image.get('path')!r} points outside the folder; "
                             "refused (copy the image into the folder)")
-        samples.append(Sample(i, image.get("path") or f"row {i}", row[caption_column], row=image))
+        samples.append(Sample(i, name, row[caption_column], path=path))
     return samples
 
 
@@ -344,9 +347,7 @@ class FeatureCache:
         file = self._file(kind, key)
         try:
             return safetensors.torch.load_file(str(file))
-        except FileNotFoundError:
-            return None
-        except Exception:  # a damaged cache entry is a miss: it gets recomputed and replaced
+        except Exception:  # missing, or a damaged entry: a miss, recomputed and replaced
             return None
 
     def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:

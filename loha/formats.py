@@ -234,8 +234,8 @@ def export_kohya(model: nn.Module, file, text_encoder: nn.Module | None = None,
     tensors = kohya_state_dict(model, text_encoder, text_encoder_2, dtype=dtype)
     layers = [m for module in (model, text_encoder, text_encoder_2) if module is not None
               for m in adapter_modules(module).values()]
-    rank = Counter(m.rank for m in layers).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in layers).most_common(1)[0][0]
+    rank, _ = _common({i: m.rank for i, m in enumerate(layers)})
+    alpha, _ = _common({i: m.alpha for i, m in enumerate(layers)})
     meta = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_dim": str(rank),
@@ -445,18 +445,12 @@ def _check_peft_config(config: dict, source: str):
                                     f"name mapped to a positive {'integer' if integer else 'number'}")
 
 
-def _peft_alpha(config: dict, path: str):
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
+def _peft_value(config: dict, key: str, path: str):
+    """config[key] ("r" or "alpha") for module ``path``, unless its rank_pattern/alpha_pattern names it."""
+    for pattern, value in (config.get("rank_pattern" if key == "r" else "alpha_pattern") or {}).items():
         if re.fullmatch(rf"(.*\.)?{pattern}", path):
             return value
-    return config.get("alpha")
-
-
-def _peft_rank(config: dict, path: str):
-    for pattern, value in (config.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", path):
-            return value
-    return config.get("r")
+    return config.get(key)
 
 
 def _read_peft_config(file: Path) -> dict:
@@ -491,8 +485,8 @@ def _read_peft(weights: Path, config: dict | None, allow_nonfinite, alpha) -> tu
         raise LoHaFileError(f"{weights.name}: keys {bad[:3]} do not start with {PEFT_PREFIX!r}; not a PEFT file")
     modules = {}
     for name, parts in _group(tensors, weights.name, lambda n: n[len(PEFT_PREFIX):]).items():
-        mw = _module_weights(name, parts, _peft_alpha(config, name), weights.name, allow_nonfinite)
-        declared = _peft_rank(config, name)
+        mw = _module_weights(name, parts, _peft_value(config, "alpha", name), weights.name, allow_nonfinite)
+        declared = _peft_value(config, "r", name)
         if declared is not None and declared != mw.rank:
             raise LoHaFileError(f"{weights.name}: module {name} has rank {mw.rank} but the config says r={declared}")
         modules[name] = mw
@@ -534,7 +528,7 @@ def read_adapter(path, *, allow_nonfinite: bool = False, alpha: float | None = N
             modules, meta = _read_peft_dir(path, allow_nonfinite)
             return Adapter("peft", {"unet": modules}, meta, str(path))
         subdirs = [c for c in COMPONENTS if (path / c).is_dir()]
-        if "unet" in subdirs or subdirs:
+        if subdirs:
             components, meta = {}, {}
             for c in subdirs:
                 components[c], m = _read_peft_dir(path / c, allow_nonfinite)
@@ -632,6 +626,9 @@ def _check_fits(entries: dict[str, ModuleWeights], model, source: str, component
             raise LoHaFileError(f"this LoHa was trained for a different base model: {path} is {in_f}->{out_f} "
                                 f"here but {mw.w1b.shape[1]}->{mw.w1a.shape[0]} in {source}")
     current = adapter_modules(model)
+    if any(layer.merged for layer in current.values()):
+        raise LoHaFileError(f"the adapters in this {component} are merged into its weights; call "
+                            "loha.unmerge(model) before loading new adapter weights")
     if current:
         missing = sorted(set(current) - set(entries))
         extra = sorted(set(entries) - set(current))
@@ -651,7 +648,7 @@ def _apply(entries: dict[str, ModuleWeights], model, options):
     if not adapter_modules(model):
         ranks = {p: mw.rank for p, mw in entries.items()}
         alphas = {p: mw.alpha for p, mw in entries.items()}
-        inject(model, rank=Counter(ranks.values()).most_common(1)[0][0], target_modules=list(entries),
+        inject(model, rank=_common(ranks)[0], target_modules=list(entries),
                ranks=ranks, alphas=alphas, **options)
     layers = adapter_modules(model)
     with torch.no_grad():

@@ -216,10 +216,11 @@ class LoHaLinear(nn.Module):
         if not self.training or (self.rank_dropout == 0 and self.module_dropout == 0):
             return None
         w = self.hada_w1_a
-        row = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
         if self.rank_dropout > 0:
             row = (torch.rand(w.shape[0], device=w.device) > self.rank_dropout).to(w.dtype)
             row = row / row.mean().clamp_min(1e-12)
+        else:
+            row = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
         if self.module_dropout > 0:
             row = row * (torch.rand((), device=w.device) >= self.module_dropout).to(w.dtype)
         return row

@@ -238,6 +238,11 @@ def test_strict_loading_errors(tmp_path, base_unet, trained_unet):
         loha.load(untouched, nan)
     assert not loha.adapter_modules(untouched)  # nothing injected by a failed load
     loha.load(untouched, nan, allow_nonfinite=True)
+    merged = copy.deepcopy(base_unet)
+    loha.load(merged, tmp_path / "good")
+    loha.merge(merged)
+    with pytest.raises(loha.LoHaFileError, match="merged into its weights; call loha.unmerge"):
+        loha.load(merged, tmp_path / "good")
     (tmp_path / "w.pt").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(loha.LoHaFileError, match="pickle"):
         loha.load(copy.deepcopy(base_unet), tmp_path / "w.pt")

@@ -548,8 +548,9 @@ def test_compile_trains_like_eager(tiny_pipeline_dir, tmp_path):
     in another order, and Adam's first update is lr·sign(g), so gradient entries within rounding of zero
     may flip: every element stays within 2·lr, and nearly all agree to 1e-5. (Gradients themselves are
     compared directly in tests/test_inject.py::test_compiled_gradients_match_eager.)"""
-    eager = train(tiny_pipeline_dir, tmp_path, name="eager", steps=1)
-    compiled = train(tiny_pipeline_dir, tmp_path, "--compile", name="compiled", steps=1)
+    eager = train(tiny_pipeline_dir, tmp_path, "--checkpointing_steps", "1", name="eager", steps=1)
+    compiled = train(tiny_pipeline_dir, tmp_path, "--compile", "--checkpointing_steps", "1", name="compiled", steps=1)
+    assert (compiled / "checkpoint-1" / "unet" / "adapter_model.safetensors").is_file()  # hooks see through compile
     a, b = adapter_weights(eager / "unet"), adapter_weights(compiled / "unet")
     assert a.keys() == b.keys()  # no _orig_mod. prefix from the compiled wrapper
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
