@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .inject import FACTOR_NAMES, _require_adapters, adapter_modules, inject, unwrap
+from .inject import FACTOR_NAMES, _matches, _require_adapters, adapter_modules, inject, unwrap
 from .layer import LoHaError, LoHaLinear
 
 PEFT_PREFIX = "base_model.model."
@@ -143,9 +143,7 @@ def _short_targets(model, paths) -> list[str]:
         return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
     short = sorted({suffix(p) for p in paths})
-    matched = {p for p, m in model.named_modules()
-               if isinstance(m, (nn.Linear, LoHaLinear)) and not p.endswith(".base_layer")
-               and any(p == t or p.endswith("." + t) for t in short)}
+    matched = {p for p in _linear_paths(model) if _matches(p, set(short))}
     return short if matched == set(paths) else sorted(paths)
 
 
