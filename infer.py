@@ -139,14 +139,7 @@ def resolve_checkpoint(path) -> tuple[Path, loha.Adapter]:
         checkpoints = [c for c in path.glob("checkpoint-*") if c.is_dir() and re.fullmatch(r"checkpoint-\d+", c.name)]
         if checkpoints:
             return latest_complete_checkpoint(path, checkpoints)
-    try:
-        return path, loha.read_adapter(path)
-    except loha.LoHaFileError:
-        if path.is_file() and path.suffix == ".safetensors" and _made_for_sd1_or_sd2(path):
-            raise InferError(f"{path.name} was made for Stable Diffusion 1.x/2.x (lora_te_ keys or "
-                             "ss_base_model_version): this LoHa was trained for a different base model; "
-                             "SDXL files use lora_te1_/lora_te2_") from None
-        raise
+    return path, loha.read_adapter(path)
 
 
 def latest_complete_checkpoint(output_dir: Path, checkpoints: list[Path]) -> tuple[Path, loha.Adapter]:
@@ -165,19 +158,6 @@ def latest_complete_checkpoint(output_dir: Path, checkpoints: list[Path]) -> tup
         return checkpoint, adapter
     raise InferError(f"{output_dir} has no final unet/ and none of its {len(checkpoints)} checkpoint folders is "
                      f"complete; newest: {skipped[0]}")
-
-
-def _made_for_sd1_or_sd2(file: Path) -> bool:
-    """kohya's SD 1.x/2.x files have one text encoder (lora_te_) and say so in their metadata."""
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(file), "pt") as f:
-            keys, metadata = list(f.keys()), f.metadata() or {}
-    except Exception:  # a damaged file: loha's own error already says what is wrong
-        return False
-    return (metadata.get("ss_base_model_version", "").startswith(("sd_v1", "sd_v2"))
-            or any(k.startswith("lora_te_") for k in keys))
 
 
 def describe(adapter: loha.Adapter) -> str:

@@ -503,6 +503,11 @@ def _read_kohya(file: Path, allow_nonfinite) -> Adapter:
         components.setdefault(KOHYA_PREFIXES[prefix], {})[name] = _module_weights(
             name, parts, None, file.name, allow_nonfinite)
     if unknown:
+        if (any(n.startswith("lora_te_") for n in unknown)
+                or metadata.get("ss_base_model_version", "").startswith(("sd_v1", "sd_v2"))):
+            raise LoHaFileError(f"{file.name} was made for Stable Diffusion 1.x/2.x (lora_te_ keys or "
+                                "ss_base_model_version): this LoHa was trained for a different base model; "
+                                "SDXL files use lora_te1_/lora_te2_")
         raise LoHaFileError(f"{file.name}: module names {unknown[:3]} have none of the known prefixes "
                             f"{sorted(KOHYA_PREFIXES)}; not a kohya/LyCORIS LoHa file")
     base = metadata.get("loha.base_model") or metadata.get("ss_sd_model_name") or None

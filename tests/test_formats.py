@@ -243,6 +243,11 @@ def test_strict_loading_errors(tmp_path, base_unet, trained_unet):
     loha.merge(merged)
     with pytest.raises(loha.LoHaFileError, match="merged into its weights; call loha.unmerge"):
         loha.load(merged, tmp_path / "good")
+    sd1 = {f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{n}": torch.ones(4, 4) for n in
+           ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    safetensors.torch.save_file(sd1, tmp_path / "sd15.safetensors")
+    with pytest.raises(loha.LoHaFileError, match="Stable Diffusion 1.x/2.x.*trained for a different base model"):
+        loha.load(copy.deepcopy(base_unet), tmp_path / "sd15.safetensors")
     (tmp_path / "w.pt").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(loha.LoHaFileError, match="pickle"):
         loha.load(copy.deepcopy(base_unet), tmp_path / "w.pt")
