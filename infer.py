@@ -25,6 +25,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import loha
+from loha.formats import COMPONENTS, PEFT_CONFIG, PEFT_WEIGHTS
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM")  # AUTOMATIC1111's names
@@ -133,8 +134,7 @@ def resolve_checkpoint(path) -> tuple[Path, loha.Adapter]:
         if path.is_symlink():
             raise InferError(f"--checkpoint {path} is a symlink that leads nowhere (broken, or a loop)")
         raise InferError(f"--checkpoint {path} does not exist")
-    adapter_entries = ("unet", "text_encoder", "text_encoder_2", "adapter_config.json", "adapter_model.safetensors",
-                       "adapter_model.bin")
+    adapter_entries = (*COMPONENTS, PEFT_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
     if path.is_dir() and not any((path / name).exists() for name in adapter_entries):
         checkpoints = [c for c in path.glob("checkpoint-*") if c.is_dir() and re.fullmatch(r"checkpoint-\d+", c.name)]
         if checkpoints:
