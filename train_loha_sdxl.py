@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target_modules", default=",".join(loha.DEFAULT_TARGETS), help="comma-separated")
     g.add_argument("--rank_dropout", type=float, default=0.0)
     g.add_argument("--module_dropout", type=float, default=0.0)
+    g.add_argument("--loha_forward_mode", choices=loha.FORWARD_MODES, default="merged",
+                   help="merged: W+ΔW in one GEMM, saves nothing out×in (least memory); grouped: same-shape "
+                        "layers rebuilt together, fewer ops per layer (faster where small layers are "
+                        "dispatch-bound, keeps W+ΔW per layer for backward); bypass: base(x) + x·ΔWᵀ")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="also LoHa on q/k/v/out_proj of both CLIP encoders")
 
@@ -372,7 +376,7 @@ def load_models(args, accelerator) -> Models:
 def add_adapters(models: Models, args):
     """LoHa on the UNet's attention (and the CLIP encoders' with --train_text_encoder); factors in fp32."""
     options = dict(rank=args.rank, alpha=args.alpha, rank_dropout=args.rank_dropout,
-                   module_dropout=args.module_dropout, dtype=torch.float32)
+                   module_dropout=args.module_dropout, forward_mode=args.loha_forward_mode, dtype=torch.float32)
     loha.inject(models.unet, target_modules=target_modules(args), **options)
     if args.train_text_encoder:
         loha.inject(models.text_encoder, target_modules=TEXT_ENCODER_TARGETS, **options)

@@ -5,6 +5,7 @@ One process, one device, one loop for every variant:
     floor         the frozen UNet, no adapter, backward taken to the input latents
     loha-merged   this project, forward_mode="merged"  (one GEMM with W + ΔW)
     loha-bypass   this project, forward_mode="bypass"  (base(x) + x·ΔWᵀ)
+    loha-grouped  this project, forward_mode="grouped" (W + ΔW rebuilt for all same-shape layers at once)
     peft-loha     PEFT LoHa (inject_adapter_in_model + LoHaConfig, the same targets)
     lycoris-loha  LyCORIS LoHa (preset target_module=["Attention"], algo loha)
     peft-lora     PEFT LoRA at rank 2r: the same parameter count, for reference
@@ -43,7 +44,7 @@ import loha  # noqa: E402
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_unet  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-VARIANTS = ("floor", "loha-merged", "loha-bypass", "peft-loha", "lycoris-loha", "peft-lora")
+VARIANTS = ("floor", "loha-merged", "loha-bypass", "loha-grouped", "peft-loha", "lycoris-loha", "peft-lora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -122,7 +123,7 @@ def add_adapter(name: str, unet: nn.Module, rank: int):
     unet.requires_grad_(False)
     if name == "floor":
         return [], extras
-    if name in ("loha-merged", "loha-bypass"):
+    if name in ("loha-merged", "loha-bypass", "loha-grouped"):
         loha.inject(unet, rank=rank, alpha=rank, target_modules=TARGETS, forward_mode=name.split("-")[1])
         params = loha.trainable_parameters(unet)
         extras["adapted"] = sorted(loha.adapter_modules(unet))

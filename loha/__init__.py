@@ -32,10 +32,10 @@ from .inject import (
     trainable_parameters,
     unmerge,
 )
-from .layer import LoHaError, LoHaLinear
+from .layer import FORWARD_MODES, LoHaError, LoHaLinear
 
 __all__ = [
-    "Adapter", "DEFAULT_TARGETS", "LoHaError", "LoHaFileError", "LoHaLinear", "adapter_modules",
+    "Adapter", "DEFAULT_TARGETS", "FORWARD_MODES", "LoHaError", "LoHaFileError", "LoHaLinear", "adapter_modules",
     "adapter_state_dict", "atomic_directory", "atomic_write_bytes", "count_parameters", "eject",
     "export_kohya", "inject", "load", "merge", "read_adapter", "read_safetensors", "save",
     "set_forward_mode", "set_scale", "trainable_parameters", "unmerge",

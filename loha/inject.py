@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .layer import LoHaError, LoHaLinear
+from .layer import LoHaError, LoHaLinear, _LayerGroup
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -70,7 +70,15 @@ def inject(model: nn.Module, rank: int = 8, alpha: float | None = None,
     layers = [(p, LoHaLinear(m, ranks.get(p, rank), alphas.get(p, alpha), **options)) for p, m in matched]
     for path, layer in layers:
         _set_module(model, path, layer)
+    _link_group([layer for _, layer in layers])
     return [p for p, _ in layers]
+
+
+def _link_group(layers: list[LoHaLinear]) -> None:
+    """One group for all adapters of a model: forward_mode="grouped" rebuilds same-shape layers together."""
+    group = _LayerGroup(layers)
+    for layer in layers:
+        layer._group, layer._prebuilt = group, None
 
 
 def eject(model: nn.Module) -> list[str]:
@@ -126,7 +134,7 @@ def set_scale(model: nn.Module, scale: float) -> None:
 
 
 def set_forward_mode(model: nn.Module, mode: str) -> None:
-    """Switch every adapter between the "merged" and "bypass" forward strategies."""
+    """Switch every adapter between the "merged", "bypass" and "grouped" forward strategies."""
     for layer in _require_adapters(model).values():
         layer.forward_mode = mode
 

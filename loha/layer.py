@@ -18,19 +18,26 @@ Two forward strategies give the same math:
   either way: G does not depend on the forward strategy.
 - ``"bypass"``: base(x) + x·(scale·ΔW)ᵀ. One more GEMM per layer, keeps ΔW's own relative precision
   (worth it only when activations stay in fp32).
+- ``"grouped"``: the merged math, but W + scale·ΔW is rebuilt for every layer of the same shape at once
+  (stacked factors, two bmm) and each layer runs a plain ``F.linear``; the factor gradients of the whole
+  group are computed in one batched backward. Far fewer ops per layer, which is what small,
+  dispatch-bound layers cost (BENCHMARKS.md), at the price of keeping each layer's W + ΔW (out×in, in
+  the compute dtype) for backward, as a trainable Linear would. Under ``torch.compile`` it runs as
+  ``"merged"`` (the compiler fuses the per-layer ops anyway).
 
 This file imports nothing of the package.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORWARD_MODES = ("merged", "bypass")
+FORWARD_MODES = ("merged", "bypass", "grouped")
 INIT_SCHEMES = ("lycoris", "peft")
 
 
@@ -58,6 +65,147 @@ def _effective_weight(weight, p1, p2, scale, dtype):
     """W + scale·P1⊙P2, summed in the wider of W's and the factors' dtypes, cast once to ``dtype``."""
     wide = p1.dtype if weight.dtype == p1.dtype else torch.promote_types(weight.dtype, p1.dtype)
     return _cast(torch.addcmul(_cast(weight, wide), p1, p2, value=scale), dtype)
+
+
+def _stack_factors(factors):
+    """4L per-layer factors (w1a, w1b, w2a, w2b, w1a, ...) → four stacked (L, ·, ·) tensors."""
+    return [torch.stack(factors[i::4]) for i in range(4)]
+
+
+# The group is processed in chunks of about this many elements per (chunk, out, in) tensor. On CPU
+# 256 KiB in fp32, so the few tensors of that size in flight stay in L2 cache (BENCHMARKS.md §2); on
+# GPU large chunks keep the launch count low while bounding the transient memory.
+CPU_CHUNK_ELEMENTS = 1 << 16
+GPU_CHUNK_ELEMENTS = 1 << 24  # 64 MiB in fp32: bounds the transient memory of an SDXL-sized group
+
+
+def _chunks(n, out_in, device):
+    size = max(1, (CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS) // out_in)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _GroupedRebuildFunction(torch.autograd.Function):
+    """W + scale·(W1a·W1b)⊙(W2a·W2b) for L layers of one shape: L (out, in) tensors in ``dtype``.
+
+    ``weights`` are the L frozen W, ``scale`` a float or an (L, 1, 1) tensor,
+    ``row_scale`` None or (L, out). The sum is taken in the factors' dtype (or W's, if wider) and cast
+    once to ``dtype``. The backward gets every layer's gᵀx and returns the 4L factor gradients with
+    the same formulas as the per-layer Function. A layer whose output got no gradient (its result was
+    not used, e.g. CLIP's last layer under SDXL's penultimate-layer conditioning) gets None, not zeros,
+    exactly as in the per-layer mode, so AdamW leaves it alone (no weight decay on it).
+    """
+
+    @staticmethod
+    def forward(ctx, weights, scale, row_scale, dtype, build, *factors):
+        a1, b1, a2, b2 = _stack_factors(factors)
+        if row_scale is not None:
+            a1 = a1 * row_scale[:, :, None]
+        wide = a1.dtype if weights[0].dtype == a1.dtype else torch.promote_types(weights[0].dtype, a1.dtype)
+        count, out_f, in_f = len(weights), a1.shape[1], b1.shape[2]
+        result = torch.empty((count, out_f, in_f), dtype=dtype, device=a1.device)
+        per_layer = isinstance(scale, torch.Tensor)
+        value = 1.0 if per_layer else scale
+        for sl in _chunks(count, out_f * in_f, a1.device):
+            p1 = torch.bmm(a1[sl], b1[sl])
+            if per_layer:
+                p1.mul_(scale[sl])
+            p2 = torch.bmm(a2[sl], b2[sl])
+            w = weights[sl]
+            if dtype == wide == weights[0].dtype:
+                torch.stack(w, out=result[sl]).addcmul_(p1, p2, value=value)
+            else:
+                result[sl].copy_(torch.stack([_cast(x, wide) for x in w]).addcmul_(p1, p2, value=value))
+        if ctx is not None:
+            # Kept as attributes, not save_for_backward: a rebuild may run inside a non-reentrant
+            # checkpoint's recomputation but not in its first forward (or the other way round), and a
+            # differing count of saved tensors would fail the checkpoint's check. The factors are leaf
+            # parameters; their versions are checked by hand in backward, as autograd would.
+            ctx.factors, ctx.versions = factors, [f._version for f in factors]
+            ctx.row_scale, ctx.scale, ctx.build = row_scale, scale, build
+            ctx.set_materialize_grads(False)
+        return result.unbind(0)
+
+    @staticmethod
+    def backward(ctx, *layer_grads):
+        factors, row_scale = ctx.factors, ctx.row_scale
+        if [f._version for f in factors] != ctx.versions:
+            raise RuntimeError("a LoHa factor was modified in place between the forward and the backward "
+                               "(e.g. optimizer.step() before loss.backward()); run backward first")
+        scale_t = ctx.scale if isinstance(ctx.scale, torch.Tensor) else None
+        ctx.build.alive = False  # this build's graph is being consumed: its weights must not be reused
+        w1a, w1b, w2a, w2b = _stack_factors(factors)
+        a1 = w1a if row_scale is None else w1a * row_scale[:, :, None]
+        grads = [torch.empty_like(t) for t in (w1a, w1b, w2a, w2b)]
+        g1a, g1b, g2a, g2b = grads
+        present = next((t for t in layer_grads if t is not None), None)
+        if present is None:
+            return (None,) * (5 + len(factors))
+        for sl in _chunks(len(w1a), present.shape[0] * present.shape[1], present.device):
+            p1, p2 = torch.bmm(a1[sl], w1b[sl]), torch.bmm(w2a[sl], w2b[sl])
+            G = torch.stack([present.new_zeros(()).expand_as(present) if t is None else t
+                             for t in layer_grads[sl]])  # our own copy: in place is fine
+            G = _cast(G, p1.dtype)
+            if scale_t is not None or ctx.scale != 1.0:
+                G.mul_(scale_t[sl] if scale_t is not None else ctx.scale)
+            gp1 = G * p1
+            gp2 = G.mul_(p2)
+            torch.bmm(gp2, w1b[sl].transpose(1, 2), out=g1a[sl])
+            torch.bmm(a1[sl].transpose(1, 2), gp2, out=g1b[sl])
+            torch.bmm(gp1, w2b[sl].transpose(1, 2), out=g2a[sl])
+            torch.bmm(w2a[sl].transpose(1, 2), gp1, out=g2b[sl])
+        if row_scale is not None:
+            g1a.mul_(row_scale[:, :, None])
+        per_layer = itertools.chain.from_iterable(
+            (None,) * 4 if t is None else factor_grads
+            for t, factor_grads in zip(layer_grads, zip(*(g.unbind(0) for g in grads))))
+        return (None, None, None, None, None, *per_layer)
+
+
+class _Build:
+    """One grouped rebuild; ``alive`` turns False once autograd has run its backward (its graph is gone)."""
+
+    __slots__ = ("alive",)
+
+    def __init__(self):
+        self.alive = True
+
+
+class _LayerGroup:
+    """The LoHaLinear layers of one model (``loha.inject`` links them). A ``"grouped"`` layer that has no
+    valid prebuilt W + ΔW asks the group to rebuild it for every member with the same key at once.
+
+    A prebuilt weight is used at most once, and only if nothing it was built from has changed since:
+    the factors' and W's in-place version counters, the scale, grad mode, train/eval, compute dtype,
+    and, in grad mode, that its graph has not been through backward yet. Anything else rebuilds."""
+
+    def __init__(self, layers=()):
+        self.layers = list(layers)
+
+    def build(self, requester, dtype):
+        key = requester._group_key()
+        members = [m for m in self.layers if m is requester or m._group_key() == key]
+        if requester not in members:  # a layer that is not (or no longer) in this group: a group of its own
+            members = [requester]
+        w, f = requester._base_weight(), requester._parameters["hada_w1_a"]
+        scales = [m.scale for m in members]
+        if len(set(scales)) == 1:
+            scale = scales[0]
+        else:
+            scale = torch.tensor(scales, device=f.device, dtype=f.dtype)[:, None, None]
+        rows = [m._row_scale() for m in members]  # in the factors' dtype, as the per-layer path uses them
+        row_scale = None
+        if any(r is not None for r in rows):
+            row_scale = torch.stack([torch.ones(w.shape[0], device=f.device, dtype=f.dtype) if r is None else r
+                                     for r in rows])
+        factors = [f for m in members for f in m.factors()]
+        weights = [m._base_weight() for m in members]
+        build = _Build()
+        if torch.is_grad_enabled():
+            built = _GroupedRebuildFunction.apply(weights, scale, row_scale, dtype, build, *factors)
+        else:
+            built = _GroupedRebuildFunction.forward(None, weights, scale, row_scale, dtype, build, *factors)
+        for m, weight in zip(members, built):
+            m.__dict__["_prebuilt"] = (weight, build, m._stamp(dtype))
 
 
 class _LoHaLinearFunction(torch.autograd.Function):
@@ -154,6 +302,8 @@ class LoHaLinear(nn.Module):
         self.multiplier = 1.0
         self.merged = False
         self._original_weight = None
+        self._group = _LayerGroup([self])  # loha.inject links all layers of a model into one group
+        self._prebuilt = None  # "grouped" mode: (W + ΔW for this layer, its _Build, the _stamp it was built for)
         self.reset_parameters(init)
 
     # -- what callers of the wrapped Linear may read -------------------------------------------
@@ -203,7 +353,8 @@ class LoHaLinear(nn.Module):
                 nn.init.zeros_(self.hada_w2_b)
 
     def factors(self):
-        return self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b
+        p = self._parameters
+        return p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"]
 
     def delta_weight(self) -> torch.Tensor:
         """scale·ΔW in fp32 (or the factors' dtype if wider), without dropout."""
@@ -234,13 +385,50 @@ class LoHaLinear(nn.Module):
                 return self._apply_function(x.to(torch.get_autocast_dtype(dev)))
         return self._apply_function(x)
 
+    # The per-call paths below read parameters from the module dicts directly: nn.Module.__getattr__
+    # costs about half a microsecond a lookup, and small layers are dispatch-bound (BENCHMARKS.md).
+    def _base_weight(self):
+        return self._modules["base_layer"]._parameters["weight"]
+
+    def _group_key(self):
+        """Layers with equal keys are rebuilt together in "grouped" mode; None: this one cannot be."""
+        w = self._base_weight()
+        if self._forward_mode != "grouped" or self.merged or self.multiplier == 0 or w.requires_grad:
+            return None
+        return (w.shape, w.dtype, w.device, self.rank, self._parameters["hada_w1_a"].dtype)
+
+    def _stamp(self, dtype):
+        """Everything a prebuilt W + ΔW depends on; a prebuilt weight is used only if this still matches."""
+        w, p = self._base_weight(), self._parameters
+        a1 = p["hada_w1_a"]
+        return (dtype, torch.is_grad_enabled(), self.training, self.alpha / self.rank * self.multiplier,
+                w._version, a1._version, p["hada_w1_b"]._version, p["hada_w2_a"]._version,
+                p["hada_w2_b"]._version, w.requires_grad, w.data_ptr(), a1.data_ptr())
+
+    def _grouped_forward(self, x):
+        prebuilt = self._prebuilt
+        self.__dict__["_prebuilt"] = None  # a prebuilt weight is used at most once
+        if prebuilt is None or not prebuilt[1].alive or prebuilt[2] != self._stamp(x.dtype):
+            self._group.build(self, x.dtype)
+            prebuilt = self._prebuilt
+            self.__dict__["_prebuilt"] = None
+        return F.linear(x, prebuilt[0], _cast(self._modules["base_layer"]._parameters["bias"], x.dtype))
+
+    def __getstate__(self):
+        # deepcopy/pickle: a prebuilt weight is a non-leaf tensor of a live graph, never worth copying
+        return {**super().__getstate__(), "_prebuilt": None}
+
     def _apply_function(self, x):
-        base = self.base_layer
+        mode = self._forward_mode
+        if mode == "grouped" and not torch.compiler.is_compiling():
+            if self._prebuilt is not None or self._group_key() is not None:
+                return self._grouped_forward(x)
+        base, p = self._modules["base_layer"]._parameters, self._parameters
+        args = (base["weight"], base["bias"], p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"],
+                self.alpha / self.rank * self.multiplier, self._row_scale(), mode != "bypass")
         if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
-            return _LoHaLinearFunction.forward(None, x, base.weight, base.bias, *self.factors(), self.scale,
-                                               self._row_scale(), self._forward_mode == "merged")
-        return _LoHaLinearFunction.apply(x, base.weight, base.bias, *self.factors(), self.scale,
-                                         self._row_scale(), self._forward_mode == "merged")
+            return _LoHaLinearFunction.forward(None, x, *args)
+        return _LoHaLinearFunction.apply(x, *args)
 
     # -- merge / unmerge -----------------------------------------------------------------------
     @torch.no_grad()

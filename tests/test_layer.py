@@ -43,7 +43,7 @@ def test_gradcheck_float64(merged, bias, row_scale):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["merged", "bypass"])
+@pytest.mark.parametrize("mode", ["merged", "bypass", "grouped"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
 @pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12), (2, 3, 4, 12)])
 def test_forward_matches_float64_reference(device, mode, dtype, tol, shape):
@@ -56,7 +56,7 @@ def test_forward_matches_float64_reference(device, mode, dtype, tol, shape):
     assert err < tol
 
 
-@pytest.mark.parametrize("mode", ["merged", "bypass"])
+@pytest.mark.parametrize("mode", ["merged", "bypass", "grouped"])
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
 def test_autocast_computes_in_autocast_dtype(mode, autocast_dtype):
     layer = random_layer(forward_mode=mode)  # fp32 base, as frozen weights are with accelerate's autocast
@@ -69,7 +69,7 @@ def test_autocast_computes_in_autocast_dtype(mode, autocast_dtype):
     assert ((y.double() - ref).abs().max() / ref.abs().max()) < 3e-2
 
 
-@pytest.mark.parametrize("mode", ["merged", "bypass"])
+@pytest.mark.parametrize("mode", ["merged", "bypass", "grouped"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradients_match_float64_autograd(mode, bias):
     layer = random_layer(bias=bias, forward_mode=mode, alpha=2.0)
