@@ -10,7 +10,7 @@ One process, one device, one loop for every variant:
     lycoris-loha  LyCORIS LoHa (preset target_module=["Attention"], algo loha)
     peft-lora     PEFT LoRA at rank 2r: the same parameter count, for reference
 
-    python bench/bench.py --model tiny --device cpu --threads 1 --rounds 5 --steps 10 --json bench-cpu.json
+    python bench/bench.py --model tiny --device cpu --threads 1 --rounds 20 --steps 5 --json bench-cpu.json
     python bench/bench.py --model sdxl --device cuda --dtype bf16 --resolution 1024 --batch_size 1 \
         --steps 8 --warmup 3 --json sdxl-bs1.json
 

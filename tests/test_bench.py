@@ -44,8 +44,8 @@ def test_tiny_bench_runs_every_variant_and_reports_consistent_numbers(bench, tin
     results = report["results"]
     assert list(results) == list(bench.VARIANTS)
     # Same parameter count for LoHa r (any implementation) and LoRA 2r: 2r(in+out) per adapted linear.
-    loha_params = {results[v]["params"] for v in ("loha-merged", "loha-bypass", "peft-loha", "lycoris-loha",
-                                                   "peft-lora")}
+    loha_params = {results[v]["params"] for v in ("loha-merged", "loha-bypass", "loha-grouped", "peft-loha",
+                                                   "lycoris-loha", "peft-lora")}
     assert len(loha_params) == 1 and results["floor"]["params"] == 0
     from loha.tiny_sdxl import tiny_unet
 
