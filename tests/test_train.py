@@ -229,10 +229,13 @@ def test_cache_key_changes_with_content(tmp_path):
 
 # ---------------------------------------------------------------------------------- multi-process
 def test_torchrun_two_processes_match_one(tiny_pipeline_dir, tmp_path):
-    """2 gloo ranks x batch 1 hold identical weights, equal to 1 process x batch 2 (same global batches)."""
+    """2 gloo ranks x batch 1 hold identical weights, equal to 1 process x batch 2 (same global batches).
+    The ranks run --loha_forward_mode grouped (all of a group's gradients reach DDP's hooks at once), the
+    single process the default merged mode, so this also checks that both train alike under DDP."""
     mp_out, sp_out = tmp_path / "mp", tmp_path / "sp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    argv = base_args(tiny_pipeline_dir, mp_out, tmp_path / "cache", "--cache_latents", steps=3)
+    argv = base_args(tiny_pipeline_dir, mp_out, tmp_path / "cache", "--cache_latents", "--loha_forward_mode",
+                     "grouped", steps=3)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", str(REPO / "tests" / "torchrun_train.py"), *argv],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
