@@ -548,13 +548,14 @@ def cache_features(data: TrainingData, models: Models, args, accelerator):
         if args.cache_latents:
             todo = [(s, dataset.augmentation(s, 0)) for s in data.samples]
             todo = [(s, aug, dataset.latent_key(s, aug)) for s, aug in todo]
-            todo = [t for t in todo if data.cache.get("latents", t[2]) is None]
+            todo = [t for t in todo if not data.cache.has("latents", t[2], ("params",))]
             for sample, aug, key in progress_bar(accelerator, "caching latents")(todo):
                 pixels, _ = loha_data.pixels_and_time_ids(sample.sample.read_bytes(), sample.bucket, aug)
                 params = encode_latent_distribution(models, pixels[None])[0]
                 data.cache.put("latents", key, {"params": params})
         if args.cache_text_embeddings:
-            todo = [c for c in dataset.captions() if data.cache.get("text", dataset.text_key(c)) is None]
+            todo = [c for c in dataset.captions()
+                    if not data.cache.has("text", dataset.text_key(c), ("prompt_embeds", "pooled"))]
             for caption in progress_bar(accelerator, "caching text embeddings")(todo):
                 prompt_embeds, pooled = encode_prompts(models, [caption])
                 data.cache.put("text", dataset.text_key(caption), {"prompt_embeds": prompt_embeds[0],

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 from PIL import Image, ImageOps
@@ -349,6 +350,17 @@ class FeatureCache:
             return safetensors.torch.load_file(str(file))
         except Exception:  # missing, or a damaged entry: a miss, recomputed and replaced
             return None
+
+    def has(self, kind: str, key: str, names: tuple[str, ...]) -> bool:
+        """Whether a usable entry holding ``names`` exists, reading only its header: safetensors checks
+        that the header is valid and that its offsets cover the file exactly, so a truncated or garbled
+        entry is a miss here, as it is for ``get``, without reading the tensors (start-up cost with a
+        large cache). A damaged payload is not detected by ``get`` either: safetensors has no checksum."""
+        try:
+            with safetensors.safe_open(str(self._file(kind, key)), "pt") as f:
+                return set(names) <= set(f.keys())
+        except Exception:
+            return False
 
     def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
         file = self._file(kind, key)

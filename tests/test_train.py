@@ -208,6 +208,11 @@ def test_cached_and_uncached_training_match(tiny_pipeline_dir, tmp_path):
     stamps = {f: f.stat().st_mtime_ns for f in files}
     train(tiny_pipeline_dir, tmp_path, *common, "--cache_latents", name="again")  # reused, not recomputed
     assert {f: f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").rglob("*.safetensors"))} == stamps
+    damaged = next(f for f in files if "latents" in f.parts)
+    damaged.write_bytes(damaged.read_bytes()[:-8])  # what a full disk or a kill mid-copy leaves
+    again = train(tiny_pipeline_dir, tmp_path, *common, "--cache_latents", name="repaired")
+    assert {f for f in files if f.stat().st_mtime_ns != stamps[f]} == {damaged}  # only it was recomputed
+    assert_same_weights(adapter_weights(cached / "unet"), adapter_weights(again / "unet"))
     train(tiny_pipeline_dir, tmp_path, "--max_train_samples", "3", "--cache_latents", name="random_crop", steps=1)
     assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 6  # new crops: new entries
 
@@ -223,8 +228,13 @@ def test_cache_key_changes_with_content(tmp_path):
     cache = D.FeatureCache(tmp_path)
     cache.put("text", key, {"x": torch.ones(2)})
     assert torch.equal(cache.get("text", key)["x"], torch.ones(2))
-    next((tmp_path / "text").rglob("*.safetensors")).write_bytes(b"garbage")
-    assert cache.get("text", key) is None  # a damaged entry is a miss, recomputed
+    assert cache.has("text", key, ("x",)) and not cache.has("text", key, ("x", "pooled"))  # names checked
+    assert not cache.has("latents", key, ("x",))
+    entry = next((tmp_path / "text").rglob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:-1])  # one byte short: the header no longer covers the file
+    assert cache.get("text", key) is None and not cache.has("text", key, ("x",))
+    entry.write_bytes(b"garbage")
+    assert cache.get("text", key) is None and not cache.has("text", key, ("x",))  # a miss, recomputed
 
 
 # ---------------------------------------------------------------------------------- multi-process
