@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         accelerator = start_accelerator(args)
+        data = load_training_data(args, accelerator)  # first: bad data fails before minutes of model loading
         models = load_models(args, accelerator)
         add_adapters(models, args)
-        data = load_training_data(args, accelerator)
         cache_features(data, models, args, accelerator)
         run = prepare_training(models, data, args, accelerator)
         resume_from_checkpoint(run, args)

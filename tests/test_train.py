@@ -425,13 +425,16 @@ def test_rgb_conversion_and_exif():
     assert D.decode_image(jpeg_bytes(30, 20, orientation=6)).size == (20, 30)
 
 
-def test_all_images_broken_aborts(tiny_pipeline_dir, tmp_path, capsys):
+def test_all_images_broken_aborts(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.jpg").write_bytes(b"")
     (data / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "x"}\n')
+    loaded = []
+    monkeypatch.setattr(T, "load_models", lambda *a: loaded.append(1) or pytest.fail("models loaded first"))
     fails_with(capsys, base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", data=data),
                "no usable training images")
+    assert not loaded  # the data is checked before the (with real SDXL, minutes-long) model load
 
 
 @pytest.mark.parametrize("file_name", ["../outside.jpg", "/etc/hostname", "link.jpg"])
