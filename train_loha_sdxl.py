@@ -682,6 +682,8 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
 
 
 def resume_from_checkpoint(run: Run, args):
+    if run.accelerator.is_main_process and Path(args.output_dir).is_dir():
+        remove_abandoned_checkpoints(args.output_dir)
     if not args.resume_from_checkpoint:
         return
     if args.resume_from_checkpoint == "latest":
@@ -888,9 +890,8 @@ def save_checkpoint(run: Run, args):
 
     accelerator = run.accelerator
     final = Path(args.output_dir) / f"checkpoint-{run.global_step}"
-    if accelerator.is_main_process:  # temp folders of checkpoint writes that were killed: never complete
-        for abandoned in Path(args.output_dir).glob(".checkpoint-*.tmp-*"):
-            shutil.rmtree(abandoned, ignore_errors=True)
+    if accelerator.is_main_process:
+        remove_abandoned_checkpoints(args.output_dir)
     try:
         with contextlib.ExitStack() as stack:
             tmp = [str(stack.enter_context(loha.atomic_directory(final))) if accelerator.is_main_process else None]
@@ -910,7 +911,17 @@ def save_checkpoint(run: Run, args):
     run.last_checkpoint = final
     if accelerator.is_main_process and args.checkpoints_total_limit:
         for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-            shutil.rmtree(old)
+            # Out of sight first, then deleted: a kill during the delete leaves a hidden temp folder
+            # (removed at the next start or save), never a torn folder still named checkpoint-N.
+            doomed = old.with_name(f".{old.name}.tmp-pruned")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+
+
+def remove_abandoned_checkpoints(output_dir):
+    """Temp folders of checkpoint writes or deletes that were killed: never complete, never resumed."""
+    for abandoned in Path(output_dir).glob(".checkpoint-*.tmp-*"):
+        shutil.rmtree(abandoned, ignore_errors=True)
 
 
 # ===================================================================================== validation

@@ -299,6 +299,33 @@ def test_kill_around_the_exchange_that_replaces_an_existing_output(train_env, re
            "replaces an existing unet/", f"unet/ is the {expect} version, whole; no moment without a unet/")
 
 
+@pytest.mark.parametrize("when", ["before the rename out of sight", "during the delete"])
+def test_kill_while_pruning_an_old_checkpoint(train_env, reference, tmp_path, when):
+    """--checkpoints_total_limit 1: after checkpoint-4 is complete, checkpoint-2 is renamed to a hidden
+    temp name and then deleted. Killed at either point, no torn folder carries a checkpoint-N name, the
+    next start removes the leftover, and resuming ends exactly as the uninterrupted run."""
+    out = tmp_path / "out"
+    n = 1 if when.startswith("before") else 2  # event 1: the rename (os.replace), event 2: the rmtree
+    killed = run_training(train_env, out, "--checkpoints_total_limit", "1",
+                          fault=f"kill:.checkpoint-2.tmp-pruned:{n}")
+    assert killed.killed, killed.stderr[-3000:]
+    assert snapshot(out / "checkpoint-4") == snapshot(reference.out / "checkpoint-4")
+    hidden = out / ".checkpoint-2.tmp-pruned"
+    if n == 1:
+        assert complete_checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not hidden.exists()
+        assert snapshot(out / "checkpoint-2") == snapshot(reference.out / "checkpoint-2")
+    else:
+        assert complete_checkpoints(out) == ["checkpoint-4"] and hidden.is_dir()
+        shutil.rmtree(hidden / "unet")  # as if the delete had got this far: still never a checkpoint-N
+        assert complete_checkpoints(out) == ["checkpoint-4"]
+    what = resume_and_compare(train_env, reference, out)
+    assert not hidden.exists()
+    record(AREA_KILL, f"SIGKILL while pruning checkpoint-2 (--checkpoints_total_limit 1), {when}",
+           f"latest = checkpoint-4, byte-identical to the uninterrupted run's; "
+           f"{'checkpoint-2 still whole' if n == 1 else 'only a hidden .checkpoint-2.tmp-pruned left'}; {what}; "
+           "leftover removed at the next start")
+
+
 @pytest.mark.parametrize("seed", [5, pytest.param(2, marks=pytest.mark.slow), pytest.param(0, marks=pytest.mark.slow)])
 def test_kill_at_a_random_step_then_resume(train_env, reference, tmp_path, seed):
     step = random.Random(seed).randint(1, 4)
