@@ -2,13 +2,14 @@
 
 ΔW = (W1a·W1b) ⊙ (W2a·W2b) · alpha/rank   (FedPara, arXiv 2108.06098)
 
-The forward and backward are one hand-written ``torch.autograd.Function``. Autograd never sees the
-Hadamard product, and the backward saves nothing of size out×in: it recomputes the two rank-r products
-P1 = W1a·W1b and P2 = W2a·W2b from the four small factors. With G = scale·gᵀx:
+The forward and backward are hand-written ``torch.autograd.Function``s (one per layer; one per group of
+same-shape layers in "grouped" mode). Autograd never sees the Hadamard product. In the per-layer modes the
+backward saves nothing of size out×in: it recomputes the two rank-r products P1 = W1a·W1b and
+P2 = W2a·W2b from the four small factors. With G = scale·gᵀx:
 
     ∂W1a = (G⊙P2)·W1bᵀ   ∂W1b = W1aᵀ·(G⊙P2)   ∂W2a = (G⊙P1)·W2bᵀ   ∂W2b = W2aᵀ·(G⊙P1)
 
-Two forward strategies give the same math:
+Three forward strategies give the same math:
 - ``"merged"`` (default): one GEMM with W + scale·ΔW, built in fp32 and cast once to the compute dtype.
   Fastest (the adapter costs no extra GEMM over the frozen layer), but with a 16-bit base the sum is
   rounded to W's precision step: the effective ΔW is off by 0.69 / 0.16 / 0.018 (relative) at
@@ -19,10 +20,10 @@ Two forward strategies give the same math:
 - ``"bypass"``: base(x) + x·(scale·ΔW)ᵀ. One more GEMM per layer, keeps ΔW's own relative precision
   (worth it only when activations stay in fp32).
 - ``"grouped"``: the merged math, but W + scale·ΔW is rebuilt for every layer of the same shape at once
-  (stacked factors, two bmm) and each layer runs a plain ``F.linear``; the factor gradients of the whole
-  group are computed in one batched backward. Far fewer ops per layer, which is what small,
-  dispatch-bound layers cost (BENCHMARKS.md), at the price of keeping each layer's W + ΔW (out×in, in
-  the compute dtype) for backward, as a trainable Linear would. Under ``torch.compile`` it runs as
+  (stacked factors, bmm, in cache-sized chunks on CPU) and each layer runs a plain ``F.linear``; the
+  factor gradients of the whole group are computed in one batched backward. Far fewer ops per layer,
+  which is what small, dispatch-bound layers cost (BENCHMARKS.md), at the price of keeping each layer's
+  W + ΔW (out×in, in the compute dtype) for backward, as a trainable Linear would. Under ``torch.compile`` it runs as
   ``"merged"`` (the compiler fuses the per-layer ops anyway).
 
 This file imports nothing of the package.
