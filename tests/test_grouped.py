@@ -149,7 +149,9 @@ def test_grouped_under_gradient_checkpointing(reentrant):
     assert_close_lists(grads(merged), grads(grouped))
 
 
-def test_grouped_diffusers_gradient_checkpointing_matches_merged():
+def test_grouped_diffusers_gradient_checkpointing_matches_merged(count_builds):
+    """diffusers' (non-reentrant) checkpointing recomputes each block in backward: the first recomputed
+    layer of a group rebuilds the group once, and every later recomputation uses that build."""
     unets = []
     for mode in ("merged", "grouped"):
         unet = tiny_unet(0)
@@ -160,6 +162,7 @@ def test_grouped_diffusers_gradient_checkpointing_matches_merged():
         unet(**unet_inputs()).sample.square().mean().backward()
         unets.append(unet)
     assert_close_lists(grads(unets[0]), grads(unets[1]), rtol=1e-4, atol=1e-6)
+    assert len(count_builds) == 4  # 2 groups (64×64, 64×96): once in forward, once in backward
 
 
 def test_skipped_layer_and_two_forwards_before_backward():
