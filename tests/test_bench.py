@@ -209,3 +209,29 @@ def test_layer_sums_w_and_delta_in_the_wider_dtype():
         layer.forward_mode = mode
         change = layer(x).double() - x.double() @ base.weight.double().T
         assert ((change - true_change).norm() / true_change.norm()).item() < 0.02, mode
+
+
+def test_quality_sweep_picks_each_methods_best_lr_and_reuses_runs(tmp_path, monkeypatch):
+    sweep = _load("quality_sweep")
+    out = tmp_path / "sweep"
+    argv = ["--lrs", "1e-3", "3e-2", "--ranks", "1", "--steps", "2", "--eval_every", "1", "--out", str(out)]
+    assert sweep.main(argv) == 0
+    report = json.loads((out / "quality-sweep.json").read_text())
+    for row in report["rows"]:  # against the per-lr quality.json files, read independently
+        finals = {}
+        for lr in ("0.001", "0.03"):
+            results = json.loads((out / f"lr{lr}" / "quality.json").read_text())["results"]
+            finals[lr] = next(r["final_relative_mse"] for r in results
+                              if r["method"] == row["method"] and r["rank"] == row["rank"])
+        assert row["relative_mse"] == finals
+        assert row["best_lr"] == float(min(finals, key=finals.get))
+    table = (out / "quality-sweep.md").read_text()
+    assert "| 1 | LoHa r1 |" in table and "| 1 | LoRA r2 |" in table and "LoHa / LoRA" in table
+    from PIL import Image
+
+    with Image.open(out / "quality-sweep.png") as image:
+        assert image.size == (760, 480)
+    monkeypatch.setattr(sys.modules["quality"], "main", lambda argv: pytest.fail("reran a finished lr"))
+    assert sweep.main(argv) == 0  # same settings: both lrs reused
+    with pytest.raises(pytest.fail.Exception):
+        sweep.main([*argv[:-2], "--steps", "3", "--out", str(out)])  # other settings: not reused
