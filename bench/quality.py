@@ -41,13 +41,21 @@ def attention_linears(unet: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def make_teacher(strength: float, seed: int) -> nn.Module:
-    """The tiny UNet plus a fixed full-rank change ΔW = strength·rms(W)·N(0, 1) on each attention linear."""
+def make_teacher(strength: float, seed: int, decay: float = 0.0) -> nn.Module:
+    """The tiny UNet plus a fixed full-rank change on each attention linear: ΔW = strength·rms(W)·N(0, 1)
+    (``decay`` 0: a flat singular spectrum), or with its singular values reshaped to i^-decay
+    (i = 1, 2, ...), rescaled to the same Frobenius norm. Fine-tuning deltas have decaying spectra."""
     teacher = tiny_unet(seed).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed + 1)
     for layer in attention_linears(teacher).values():
         w = layer.weight
-        w += strength * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=gen)
+        delta = strength * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=gen)
+        if decay:
+            u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+            shaped = torch.arange(1, len(sv) + 1, dtype=torch.float64) ** -decay
+            shaped *= sv.norm() / shaped.norm()
+            delta = ((u * shaped) @ vh).to(w.dtype)
+        w += delta
     return teacher
 
 
@@ -191,7 +199,9 @@ def plot_curves(results: list[dict], path: Path, title: str):
 
 def markdown(results: list[dict], args) -> str:
     lines = [
-        f"tiny UNet, teacher ΔW strength {args.strength} (full rank), {args.steps} Adam steps, lr {args.lr} "
+        f"tiny UNet, teacher ΔW strength {args.strength} (full rank"
+        f"{f', singular values ∝ i^-{args.teacher_decay:g}' if args.teacher_decay else ''}), "
+        f"{args.steps} Adam steps, lr {args.lr} "
         f"({args.lr_scheduler}), "
         f"batch {args.batch_size}, {args.resolution}², eval on {args.eval_batches} held-out batches, seed {args.seed}",
         "",
@@ -218,6 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--strength", type=float, default=0.3, help="teacher ΔW as a multiple of each W's rms")
+    p.add_argument("--teacher_decay", type=float, default=0.0,
+                   help="singular values of the teacher's ΔW ∝ i^-decay (0: the flat spectrum of Gaussian noise)")
     p.add_argument("--loha_init", choices=("lycoris", "peft"), default="lycoris", help="LoHa factor init")
     p.add_argument("--eval_every", type=int, default=25)
     p.add_argument("--eval_batches", type=int, default=4)
@@ -247,7 +259,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    teacher = make_teacher(args.strength, args.seed)
+    teacher = make_teacher(args.strength, args.seed, args.teacher_decay)
     base = tiny_unet(args.seed)
     probe = next(iter(attention_linears(teacher)))
     teacher_delta = (teacher.get_submodule(probe).weight - base.get_submodule(probe).weight).double()

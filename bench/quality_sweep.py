@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402
 
 # The settings a reused run must share with this sweep (the rest of quality.py's flags keep their defaults).
-SHARED = ("steps", "batch_size", "resolution", "strength", "seed", "lr_scheduler", "loha_init", "eval_batches")
+SHARED = ("steps", "batch_size", "resolution", "strength", "teacher_decay", "seed", "lr_scheduler", "loha_init",
+          "eval_batches")
 
 
 def parse_args(argv=None):
@@ -32,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher_decay", type=float, default=0.0, help="passed to quality.py")
     p.add_argument("--rerun", action="store_true", help="run every lr again even if its folder holds a run")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "quality-sweep")
     return p.parse_args(argv)
@@ -40,13 +42,15 @@ def parse_args(argv=None):
 def run_one(lr: float, args) -> list[dict]:
     folder = args.out / f"lr{lr:g}"
     argv = ["--ranks", *map(str, args.ranks), "--steps", str(args.steps), "--lr", repr(lr),
-            "--eval_every", str(args.eval_every), "--threads", str(args.threads), "--out", str(folder)]
+            "--eval_every", str(args.eval_every), "--threads", str(args.threads), "--out", str(folder),
+            "--teacher_decay", repr(args.teacher_decay)]
     wanted = vars(quality.parse_args(argv))
     saved = folder / "quality.json"
     if saved.is_file() and not args.rerun:
         previous = json.loads(saved.read_text())
         config = previous["config"]
-        same = all(config.get(k) == wanted[k] for k in SHARED) and math.isclose(config["lr"], lr)
+        same = all(config.get(k, 0.0 if k == "teacher_decay" else None) == wanted[k] for k in SHARED) \
+            and math.isclose(config["lr"], lr)
         have = {(r["method"], r["rank"]) for r in previous["results"]}
         if same and all(("loha", r) in have and ("lora", 2 * r) in have for r in args.ranks):
             print(f"lr {lr:g}: reusing {saved}", flush=True)
@@ -137,7 +141,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     runs = {lr: run_one(lr, args) for lr in args.lrs}
     rows, table = summarise(runs, args.ranks)
-    title = (f"tiny UNet distillation to a full-rank teacher, {args.steps} Adam steps (cosine), batch 4, "
+    spectrum = f" with singular values ∝ i^-{args.teacher_decay:g}" if args.teacher_decay else ""
+    title = (f"tiny UNet distillation to a full-rank teacher{spectrum}, {args.steps} Adam steps (cosine), batch 4, "
              f"LoHa r vs LoRA 2r (same parameter count); final relative MSE on held-out batches\n\n")
     (args.out / "quality-sweep.md").write_text(title + table)
     (args.out / "quality-sweep.json").write_text(json.dumps(

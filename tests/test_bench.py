@@ -235,3 +235,18 @@ def test_quality_sweep_picks_each_methods_best_lr_and_reuses_runs(tmp_path, monk
     assert sweep.main(argv) == 0  # same settings: both lrs reused
     with pytest.raises(pytest.fail.Exception):
         sweep.main([*argv[:-2], "--steps", "3", "--out", str(out)])  # other settings: not reused
+
+
+def test_quality_teacher_with_decaying_spectrum():
+    """--teacher_decay d: the teacher's ΔW keeps its Frobenius norm and full rank, with singular values ∝ i^-d."""
+    quality = _load("quality")
+    from loha.tiny_sdxl import tiny_unet
+
+    base, flat, decayed = tiny_unet(0), quality.make_teacher(0.3, 0), quality.make_teacher(0.3, 0, decay=1.0)
+    path = next(iter(quality.attention_linears(flat)))
+    delta = {name: (t.get_submodule(path).weight - base.get_submodule(path).weight).detach().double()
+             for name, t in (("flat", flat), ("decayed", decayed))}
+    sv = torch.linalg.svdvals(delta["decayed"])
+    torch.testing.assert_close(sv / sv[0], 1 / torch.arange(1, len(sv) + 1, dtype=torch.float64), rtol=1e-3, atol=0)
+    assert delta["decayed"].norm() == pytest.approx(delta["flat"].norm().item(), rel=1e-5)
+    assert torch.linalg.matrix_rank(delta["decayed"]) == min(delta["decayed"].shape)
