@@ -362,6 +362,9 @@ def measure(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda but torch sees no CUDA device")
     inputs = make_inputs(args.model, args.batch_size, args.resolution, device, dtype, args.seed)
+    if args.compile and device.type == "cpu":
+        print("warning: with torch 2.13, compiled CPU graphs of the UNet compute wrong weight gradients "
+              "(BENCHMARKS.md section 1); these timings are not of a correct training step", file=sys.stderr)
     results, adapted = {}, {}
 
     def finish(v: Variant):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark of BENCHMARKS.md §4 as one prepared run, sized for a 15-minute device lease
-# (one command of at most 10 minutes). Run from the repository root on the GPU machine:
+# The GPU benchmark of BENCHMARKS.md §4 as one prepared run, sized for a 15-minute device lease (one
+# command of at most 10 minutes: the four limits below add up to 570 s). From the repository root there:
 #
 #   bash bench/gpu_run.sh            # results into $OUT (device tool) or ./gpu-results
 #
@@ -12,7 +12,7 @@
 #       -d .whl diffusers==0.42.1 lycoris-lora==4.1.3 peft==0.21.2 toml==0.10.2
 #
 # Each configuration has its own time limit, so one that runs long (or runs out of memory) leaves the
-# others' results; every table is printed and written as .md and .json (at most 8 files come back).
+# others' results; every table is printed and written as .md and .json (8 files, the most that come back).
 # Override for a CPU smoke test of the script itself:
 #   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu DTYPE=fp32 RES=64 OUT=/tmp/smoke bash bench/gpu_run.sh
 set -u
@@ -43,11 +43,14 @@ run() {  # name, seconds, bench.py flags...
 }
 
 # 1. bs1: every variant, inference too (the anchors: floor 172 ms / 11.2 GiB, PEFT LoHa 624 ms / 13.6 GiB)
-run sdxl-bs1 270 --batch_size 1 --steps 6 --warmup 2 --infer_steps 5
+run sdxl-bs1 230 --batch_size 1 --steps 6 --warmup 2 --infer_steps 5
 # 2. bs4: ours against PEFT (the goal is <= 0.6x PEFT LoHa)
-run sdxl-bs4 150 --batch_size 4 --steps 5 --warmup 2 --infer_steps 0 \
+run sdxl-bs4 120 --batch_size 4 --steps 5 --warmup 2 --infer_steps 0 \
     --variants floor loha-merged loha-grouped peft-loha
 # 3. bs1 with gradient checkpointing
-run sdxl-bs1-ckpt 120 --batch_size 1 --steps 5 --warmup 2 --infer_steps 0 --gradient_checkpointing \
+run sdxl-bs1-ckpt 100 --batch_size 1 --steps 5 --warmup 2 --infer_steps 0 --gradient_checkpointing \
     --variants floor loha-merged loha-grouped peft-loha
+# 4. is torch.compile's gradient right on this GPU? (on CPU it is not; train_loha_sdxl.py refuses it there)
+echo "== compile-check (limit 120s)"
+timeout 120 "$PYTHON" bench/compile_check.py --device "$DEVICE" 2>&1 | tee "$OUT/compile-check.txt"
 ls -la "$OUT"

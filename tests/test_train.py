@@ -6,6 +6,7 @@ real subprocesses. Resolution 64 (8x8 latents) and a few steps keep each run to 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
 import json
@@ -572,17 +573,45 @@ def test_demo_runs_offline_and_flags_override_it(tmp_path, monkeypatch, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
 
 
+def test_compile_on_cpu_is_refused(tiny_pipeline_dir, tmp_path, capsys):
+    """torch.compile's CPU backend gets the weight gradients wrong (test below), so --compile on CPU is a
+    one-line error instead of a silently wrong training run."""
+    fails_with(capsys, base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", "--compile"),
+               "--compile on CPU", "wrong weight gradients", "without --compile")
+    assert not (tmp_path / "o" / "unet").exists()
+
+
 @pytest.mark.slow
-def test_compile_trains_like_eager(tiny_pipeline_dir, tmp_path):
-    """--compile (torch.compile of the UNet) writes the same adapter as eager mode. Compiled kernels sum
-    in another order, and Adam's first update is lr·sign(g), so gradient entries within rounding of zero
-    may flip: every element stays within 2·lr, and nearly all agree to 1e-5. (Gradients themselves are
-    compared directly in tests/test_inject.py::test_compiled_gradients_match_eager.)"""
+def test_compiled_run_writes_plain_checkpoints(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Where --compile is allowed (GPU), checkpoints and outputs see through the compile wrapper: the same
+    keys as eager, no _orig_mod. prefix. Checked on CPU with the refusal switched off; the weights are not
+    compared, since the CPU backend's gradients are wrong (test below)."""
+    monkeypatch.setattr(T, "check_compile_supported", lambda args, device: None)
     eager = train(tiny_pipeline_dir, tmp_path, "--checkpointing_steps", "1", name="eager", steps=1)
     compiled = train(tiny_pipeline_dir, tmp_path, "--compile", "--checkpointing_steps", "1", name="compiled", steps=1)
     assert (compiled / "checkpoint-1" / "unet" / "adapter_model.safetensors").is_file()  # hooks see through compile
-    a, b = adapter_weights(eager / "unet"), adapter_weights(compiled / "unet")
-    assert a.keys() == b.keys()  # no _orig_mod. prefix from the compiled wrapper
-    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    assert diff.max() <= 2 * 1e-3 + 1e-6
-    assert (diff <= 1e-5).float().mean() > 0.9
+    assert adapter_weights(eager / "unet").keys() == adapter_weights(compiled / "unet").keys()
+    assert adapter_weights(compiled / "checkpoint-1" / "unet").keys() == adapter_weights(eager / "unet").keys()
+
+
+@pytest.mark.slow
+def test_inductor_cpu_weight_gradients_are_wrong():
+    """Why --compile is refused on CPU: with torch 2.13 the compiled tiny UNet's weight gradients differ
+    from eager by far more than rounding when the input latents need no gradient (as in training), even
+    for plain trainable to_q weights without any adapter. (With an input that needs a gradient they match:
+    tests/test_inject.py::test_compiled_gradients_match_eager.) If this test fails, torch has fixed it:
+    lift the refusal in check_compile_supported and compare compiled and eager training again."""
+    from loha.tiny_sdxl import tiny_unet
+    from tests.helpers import unet_inputs
+
+    inputs, target = unet_inputs(batch=1), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    unet = tiny_unet(0).requires_grad_(False).train()
+    for path, module in unet.named_modules():
+        if path.endswith("to_q"):
+            module.weight.requires_grad_(True)
+    grads = []
+    for model in (unet, torch.compile(copy.deepcopy(unet))):
+        torch.nn.functional.mse_loss(model(**inputs).sample, target).backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    worst = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(*grads))
+    assert worst > 0.1, f"compiled gradients now match eager (worst relative error {worst:.1e})"
