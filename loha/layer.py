@@ -134,13 +134,13 @@ class _GroupedRebuildFunction(torch.autograd.Function):
                                "(e.g. optimizer.step() before loss.backward()); run backward first")
         scale_t = ctx.scale if isinstance(ctx.scale, torch.Tensor) else None
         ctx.build.alive = False  # this build's graph is being consumed: its weights must not be reused
+        present = next((t for t in layer_grads if t is not None), None)
+        if present is None:
+            return (None,) * (5 + len(factors))
         w1a, w1b, w2a, w2b = _stack_factors(factors)
         a1 = w1a if row_scale is None else w1a * row_scale[:, :, None]
         grads = [torch.empty_like(t) for t in (w1a, w1b, w2a, w2b)]
         g1a, g1b, g2a, g2b = grads
-        present = next((t for t in layer_grads if t is not None), None)
-        if present is None:
-            return (None,) * (5 + len(factors))
         for sl in _chunks(len(w1a), present.shape[0] * present.shape[1], present.device):
             p1, p2 = torch.bmm(a1[sl], w1b[sl]), torch.bmm(w2a[sl], w2b[sl])
             G = torch.stack([present.new_zeros(()).expand_as(present) if t is None else t
@@ -404,7 +404,7 @@ class LoHaLinear(nn.Module):
         a1 = p["hada_w1_a"]
         return (dtype, torch.is_grad_enabled(), self.training, self.alpha / self.rank * self.multiplier,
                 w._version, a1._version, p["hada_w1_b"]._version, p["hada_w2_a"]._version,
-                p["hada_w2_b"]._version, w.requires_grad, w.data_ptr(), a1.data_ptr())
+                p["hada_w2_b"]._version, w.data_ptr(), a1.data_ptr())
 
     def _grouped_forward(self, x):
         prebuilt = self._prebuilt
@@ -422,8 +422,9 @@ class LoHaLinear(nn.Module):
     def _apply_function(self, x):
         mode = self._forward_mode
         if mode == "grouped" and not torch.compiler.is_compiling():
-            if self._prebuilt is not None or self._group_key() is not None:
+            if self._group_key() is not None:
                 return self._grouped_forward(x)
+            self.__dict__["_prebuilt"] = None  # no longer groupable (e.g. W made trainable): drop what was built
         base, p = self._modules["base_layer"]._parameters, self._parameters
         args = (base["weight"], base["bias"], p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"],
                 self.alpha / self.rank * self.multiplier, self._row_scale(), mode != "bypass")

@@ -312,3 +312,22 @@ def test_layer_whose_output_is_unused_gets_no_gradient():
         y.sum().backward()
         assert model.b.hada_w1_a.grad is None and model.c.hada_w1_a.grad is None
         assert model.a.hada_w1_a.grad is not None
+
+
+def test_base_weight_made_trainable_with_a_weight_still_prebuilt():
+    """b's prebuilt weight is left unused by a skipped forward; then b's W becomes trainable. b must fall
+    back to the per-layer path (W gets its gradient) instead of using or rebuilding a grouped weight."""
+    merged, grouped = toy_pair()
+    x = torch.randn(2, 12)
+    grouped.skip = True
+    grouped(x)
+    assert grouped.b._prebuilt is not None
+    ys = []
+    for model in (merged, grouped):
+        model.skip = False
+        model.b.base_layer.weight.requires_grad_(True)
+        ys.append(model(x))
+        ys[-1].sum().backward()
+    torch.testing.assert_close(ys[0], ys[1])
+    torch.testing.assert_close(merged.b.base_layer.weight.grad, grouped.b.base_layer.weight.grad)
+    assert grouped.b._prebuilt is None
