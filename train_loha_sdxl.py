@@ -693,7 +693,7 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
 
 def resume_from_checkpoint(run: Run, args):
     if run.accelerator.is_main_process and Path(args.output_dir).is_dir():
-        remove_abandoned_checkpoints(args.output_dir)
+        remove_abandoned_checkpoints(args.output_dir)  # every run starts here, resuming or not
     if not args.resume_from_checkpoint:
         return
     if args.resume_from_checkpoint == "latest":
@@ -900,8 +900,6 @@ def save_checkpoint(run: Run, args):
 
     accelerator = run.accelerator
     final = Path(args.output_dir) / f"checkpoint-{run.global_step}"
-    if accelerator.is_main_process:
-        remove_abandoned_checkpoints(args.output_dir)
     try:
         with contextlib.ExitStack() as stack:
             tmp = [str(stack.enter_context(loha.atomic_directory(final))) if accelerator.is_main_process else None]
@@ -922,7 +920,7 @@ def save_checkpoint(run: Run, args):
     if accelerator.is_main_process and args.checkpoints_total_limit:
         for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
             # Out of sight first, then deleted: a kill during the delete leaves a hidden temp folder
-            # (removed at the next start or save), never a torn folder still named checkpoint-N.
+            # (removed at the next start), never a torn folder still named checkpoint-N.
             doomed = old.with_name(f".{old.name}.tmp-pruned")
             os.replace(old, doomed)
             shutil.rmtree(doomed)

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loha  # noqa: E402
+from bench import make_inputs  # noqa: E402
 from loha.tiny_sdxl import tiny_unet  # noqa: E402
 
 
 def worst_relative_error(device: str, adapter: bool, backend: str = "inductor") -> float:
     """Max over trainable tensors of max|g_compiled - g_eager| / max|g_eager|, input latents without grad."""
-    gen = torch.Generator().manual_seed(0)
     unet = tiny_unet(0).requires_grad_(False).train()
     if adapter:
         loha.inject(unet, rank=4)
@@ -32,14 +33,8 @@ def worst_relative_error(device: str, adapter: bool, backend: str = "inductor") 
             if path.endswith("to_q"):
                 module.weight.requires_grad_(True)
     unet.to(device)
-    cfg = unet.config
-    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)
-    inputs = dict(sample=rand(1, 4, 8, 8), timestep=torch.tensor([500], device=device),
-                  encoder_hidden_states=rand(1, 7, cfg.cross_attention_dim),
-                  added_cond_kwargs={"text_embeds": rand(1, pooled),
-                                     "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]], device=device)})
-    target = rand(1, 4, 8, 8)
+    inputs = make_inputs("tiny", 1, 64, torch.device(device), torch.float32, seed=0)
+    target = inputs.pop("target")
     grads = []
     for model in (unet, torch.compile(copy.deepcopy(unet), backend=backend)):
         torch.nn.functional.mse_loss(model(**inputs).sample, target).backward()
