@@ -45,7 +45,7 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 REPO = Path(__file__).resolve().parent
 NONFINITE_STREAK_LIMIT = 5
-STATE_FILE = "training_state.json"  # written last into every checkpoint: {"global_step": N}
+STATE_FILE = "training_state.json"  # written last into every checkpoint: {"global_step": N, "factor_storage": ...}
 
 
 def demo_defaults() -> dict:
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loha_forward_mode", choices=loha.FORWARD_MODES, default="merged",
                    help="merged: W+ΔW in one GEMM, saves nothing out×in (least memory); grouped: same-shape "
                         "layers rebuilt together, fewer ops per layer (faster where small layers are "
-                        "dispatch-bound, keeps W+ΔW per layer for backward); bypass: base(x) + x·ΔWᵀ")
+                        "dispatch-bound, keeps W+ΔW per layer for backward; the UNet's factors are stored "
+                        "stacked, see loha.stack); bypass: base(x) + x·ΔWᵀ")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="also LoHa on q/k/v/out_proj of both CLIP encoders")
 
@@ -388,6 +389,11 @@ def add_adapters(models: Models, args):
     options = dict(rank=args.rank, alpha=args.alpha, rank_dropout=args.rank_dropout,
                    module_dropout=args.module_dropout, forward_mode=args.loha_forward_mode, dtype=torch.float32)
     loha.inject(models.unet, target_modules=target_modules(args), **options)
+    if args.loha_forward_mode == "grouped":
+        # The UNet's factors as a few stacked Parameters: the grouped rebuild then hands autograd four
+        # gradients per shape and AdamW steps a handful of tensors (BENCHMARKS.md). Not the text
+        # encoders: CLIP's last layer never gets a gradient, and in a stack weight decay would reach it.
+        loha.stack(models.unet)
     if args.train_text_encoder:
         loha.inject(models.text_encoder, target_modules=TEXT_ENCODER_TARGETS, **options)
         loha.inject(models.text_encoder_2, target_modules=TEXT_ENCODER_TARGETS, **options)
@@ -709,6 +715,14 @@ def resume_from_checkpoint(run: Run, args):
                             + ("no such folder" if not path.exists() else f"not a checkpoint (no {STATE_FILE})"))
     try:
         state = json.loads((path / STATE_FILE).read_text())
+        stored = state.get("factor_storage", "per-layer")  # checkpoints from before stacking: per-layer
+    except (OSError, ValueError, AttributeError) as e:
+        raise LoHaError(f"cannot resume from {path}: unreadable {STATE_FILE} ({e})") from None
+    if stored != factor_storage(args):
+        raise LoHaError(f"cannot resume from {path}: its optimizer state is for {stored} LoHa factors, this "
+                        f"run's for {factor_storage(args)}; resume with the --loha_forward_mode it was "
+                        f"written with ({'grouped' if stored == 'stacked' else 'merged or bypass'})")
+    try:
         run.accelerator.load_state(str(path))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LoHaError(f"cannot resume from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
@@ -716,6 +730,11 @@ def resume_from_checkpoint(run: Run, args):
     run.global_step = int(state["global_step"])
     run.last_checkpoint = path
     log(run, f"resumed from {path} at step {run.global_step}")
+
+
+def factor_storage(args) -> str:
+    """How the UNet's factors are laid out for the optimizer (its state must match on resume)."""
+    return "stacked" if args.loha_forward_mode == "grouped" else "per-layer"
 
 
 def log(run: Run, message: str):
@@ -908,7 +927,8 @@ def save_checkpoint(run: Run, args):
             accelerator.save_state(tmp[0])
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                (Path(tmp[0]) / STATE_FILE).write_text(json.dumps({"global_step": run.global_step}))
+                (Path(tmp[0]) / STATE_FILE).write_text(json.dumps({"global_step": run.global_step,
+                                                                   "factor_storage": factor_storage(args)}))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, without errno
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (
             f"disk full? {shutil.disk_usage(args.output_dir).free / 2**20:.1f} MiB free "

@@ -44,7 +44,8 @@ import loha  # noqa: E402
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_unet  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-VARIANTS = ("floor", "loha-merged", "loha-bypass", "loha-grouped", "peft-loha", "lycoris-loha", "peft-lora")
+VARIANTS = ("floor", "loha-merged", "loha-bypass", "loha-grouped", "loha-stacked", "peft-loha", "lycoris-loha",
+            "peft-lora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -123,8 +124,11 @@ def add_adapter(name: str, unet: nn.Module, rank: int):
     unet.requires_grad_(False)
     if name == "floor":
         return [], extras
-    if name in ("loha-merged", "loha-bypass", "loha-grouped"):
-        loha.inject(unet, rank=rank, alpha=rank, target_modules=TARGETS, forward_mode=name.split("-")[1])
+    if name in ("loha-merged", "loha-bypass", "loha-grouped", "loha-stacked"):
+        mode = "grouped" if name == "loha-stacked" else name.split("-")[1]
+        loha.inject(unet, rank=rank, alpha=rank, target_modules=TARGETS, forward_mode=mode)
+        if name == "loha-stacked":  # grouped forward, plus the factors stored as a few stacked Parameters
+            loha.stack(unet)
         params = loha.trainable_parameters(unet)
         extras["adapted"] = sorted(loha.adapter_modules(unet))
     elif name in ("peft-loha", "peft-lora"):

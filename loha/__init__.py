@@ -29,15 +29,18 @@ from .inject import (
     merge,
     set_forward_mode,
     set_scale,
+    stack,
     trainable_parameters,
     unmerge,
+    unstack,
 )
-from .layer import FORWARD_MODES, LoHaError, LoHaLinear
+from .layer import FORWARD_MODES, LoHaError, LoHaLinear, LoHaStack
 
 __all__ = [
-    "Adapter", "DEFAULT_TARGETS", "FORWARD_MODES", "LoHaError", "LoHaFileError", "LoHaLinear", "adapter_modules",
+    "Adapter", "DEFAULT_TARGETS", "FORWARD_MODES", "LoHaError", "LoHaFileError", "LoHaLinear", "LoHaStack",
+    "adapter_modules",
     "adapter_state_dict", "atomic_directory", "atomic_write_bytes", "count_parameters", "eject",
     "export_kohya", "inject", "load", "merge", "read_adapter", "read_safetensors", "save",
-    "set_forward_mode", "set_scale", "trainable_parameters", "unmerge",
+    "set_forward_mode", "set_scale", "stack", "trainable_parameters", "unmerge", "unstack",
 ]
 __version__ = "0.1.0"

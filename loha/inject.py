@@ -7,10 +7,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .layer import LoHaError, LoHaLinear, _LayerGroup
+from .layer import FACTOR_NAMES, LoHaError, LoHaLinear, LoHaStack, _LayerGroup
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+STACKS_ATTRIBUTE = "loha_stacks"
 
 
 def _matches(path: str, targets: set[str]) -> bool:
@@ -88,7 +88,46 @@ def eject(model: nn.Module) -> list[str]:
         layer.unmerge()
         _set_module(unwrap(model), path, layer.base_layer)
         paths.append(path)
+    if isinstance(getattr(unwrap(model), STACKS_ATTRIBUTE, None), nn.ModuleList):
+        delattr(unwrap(model), STACKS_ATTRIBUTE)
     return paths
+
+
+def stack(model: nn.Module) -> list[LoHaStack]:
+    """Store the factors of all adapters with the same shape, rank and factor dtype as four stacked
+    Parameters each (a LoHaStack; all of them registered as ``model.loha_stacks``).
+
+    The layers still read and write their factors as views (saving, loading, merging and
+    ``layer.hada_w1_a`` work as before), but ``model.parameters()`` and ``loha.trainable_parameters``
+    now give the stacked tensors, and their ``.grad`` is where gradients go: the optimizer then steps
+    a handful of tensors instead of four per layer, and with ``forward_mode="grouped"`` autograd
+    accumulates four gradients per shape instead of four per layer. Build the optimizer after this.
+    A factor that never gets a gradient (an unused layer) sits in a stack that does, so AdamW's weight
+    decay reaches it, unlike per-layer storage. ``loha.unstack`` undoes it.
+    """
+    root = unwrap(model)
+    layers = _require_adapters(root)
+    if getattr(root, STACKS_ATTRIBUTE, None) is not None or any(m._stack is not None for m in layers.values()):
+        raise LoHaError("this model's adapters are already stacked; call loha.unstack(model) first")
+    groups: dict[tuple, list[LoHaLinear]] = {}
+    for layer in layers.values():
+        f = layer._factor(0)
+        key = (tuple(layer.base_layer.weight.shape), layer.rank, f.dtype, f.device)
+        groups.setdefault(key, []).append(layer)
+    stacks = [LoHaStack(group) for group in groups.values()]
+    setattr(root, STACKS_ATTRIBUTE, nn.ModuleList(stacks))
+    return stacks
+
+
+def unstack(model: nn.Module) -> None:
+    """Give every adapter its own Parameters again (the values are kept). Rebuild the optimizer after."""
+    root = unwrap(model)
+    stacks = getattr(root, STACKS_ATTRIBUTE, None)
+    if not isinstance(stacks, nn.ModuleList):
+        raise LoHaError("this model's adapters are not stacked; nothing to unstack")
+    for s in stacks:
+        s.unstack()
+    delattr(root, STACKS_ATTRIBUTE)
 
 
 def _require_adapters(model) -> dict[str, LoHaLinear]:
@@ -140,8 +179,16 @@ def set_forward_mode(model: nn.Module, mode: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The LoHa factors of ``model`` (what an optimizer should get)."""
-    return [p for layer in adapter_modules(model).values() for p in layer.factors()]
+    """The LoHa factors of ``model`` (what an optimizer should get): four per layer, or, after
+    ``loha.stack``, four per LoHaStack."""
+    params, seen = [], set()
+    for layer in adapter_modules(model).values():
+        if layer._stack is None:
+            params.extend(layer.factors())
+        elif id(layer._stack[0]) not in seen:
+            seen.add(id(layer._stack[0]))
+            params.extend(layer._stack[0].factors())
+    return params
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

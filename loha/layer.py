@@ -68,8 +68,14 @@ def _effective_weight(weight, p1, p2, scale, dtype):
     return _cast(torch.addcmul(_cast(weight, wide), p1, p2, value=scale), dtype)
 
 
+FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
 def _stack_factors(factors):
-    """4L per-layer factors (w1a, w1b, w2a, w2b, w1a, ...) → four stacked (L, ·, ·) tensors."""
+    """4L per-layer factors (w1a, w1b, w2a, w2b, w1a, ...) → four stacked (L, ·, ·) tensors; four
+    already stacked ones (a LoHaStack's Parameters) are returned as they are."""
+    if len(factors) == 4 and factors[0].dim() == 3:
+        return list(factors)
     return [torch.stack(factors[i::4]) for i in range(4)]
 
 
@@ -94,6 +100,10 @@ class _GroupedRebuildFunction(torch.autograd.Function):
     the same formulas as the per-layer Function. A layer whose output got no gradient (its result was
     not used, e.g. CLIP's last layer under SDXL's penultimate-layer conditioning) gets None, not zeros,
     exactly as in the per-layer mode, so AdamW leaves it alone (no weight decay on it).
+
+    ``factors`` may also be the four (L, ·, ·) Parameters of a LoHaStack whose layers are exactly this
+    group: then nothing is stacked or unbound, and autograd gets four gradients instead of 4L (a layer
+    with no gradient gets zeros in its slice: a stacked Parameter cannot be partly None).
     """
 
     @staticmethod
@@ -156,6 +166,8 @@ class _GroupedRebuildFunction(torch.autograd.Function):
             torch.bmm(w2a[sl].transpose(1, 2), gp1, out=g2b[sl])
         if row_scale is not None:
             g1a.mul_(row_scale[:, :, None])
+        if len(factors) == 4 and factors[0].dim() == 3:  # a LoHaStack's Parameters
+            return (None, None, None, None, None, *grads)
         per_layer = itertools.chain.from_iterable(
             (None,) * 4 if t is None else factor_grads
             for t, factor_grads in zip(layer_grads, zip(*(g.unbind(0) for g in grads))))
@@ -187,7 +199,7 @@ class _LayerGroup:
         members = [m for m in self.layers if m is requester or m._group_key() == key]
         if requester not in members:  # a layer that is not (or no longer) in this group: a group of its own
             members = [requester]
-        w, f = requester._base_weight(), requester._parameters["hada_w1_a"]
+        w, f = requester._base_weight(), requester._factor(0)
         scales = [m.scale for m in members]
         if len(set(scales)) == 1:
             scale = scales[0]
@@ -198,7 +210,12 @@ class _LayerGroup:
         if any(r is not None for r in rows):
             row_scale = torch.stack([torch.ones(w.shape[0], device=f.device, dtype=f.dtype) if r is None else r
                                      for r in rows])
-        factors = [f for m in members for f in m.factors()]
+        stack = requester.__dict__.get("_stack")
+        if stack is not None and len(stack[0].layers) == len(members) and all(
+                a is b for a, b in zip(stack[0].layers, members)):
+            factors = stack[0].factors()  # four (L, ·, ·) Parameters: no stacking, four gradients
+        else:
+            factors = [f for m in members for f in m.factors()]
         weights = [m._base_weight() for m in members]
         build = _Build()
         if torch.is_grad_enabled():
@@ -303,6 +320,7 @@ class LoHaLinear(nn.Module):
         self.multiplier = 1.0
         self.merged = False
         self._original_weight = None
+        self._stack = None  # (LoHaStack, index) once loha.stack has moved the factors into one
         self._group = _LayerGroup([self])  # loha.inject links all layers of a model into one group
         self._prebuilt = None  # "grouped" mode: (W + ΔW for this layer, its _Build, the _stamp it was built for)
         self.reset_parameters(init)
@@ -354,8 +372,24 @@ class LoHaLinear(nn.Module):
                 nn.init.zeros_(self.hada_w2_b)
 
     def factors(self):
-        p = self._parameters
-        return p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"]
+        """(W1a, W1b, W2a, W2b): this layer's Parameters, or, once ``loha.stack`` has moved them into a
+        LoHaStack, views of its slice there (written through by in-place edits and ``copy_``)."""
+        stack = self.__dict__.get("_stack")
+        if stack is None:
+            p = self._parameters
+            return p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"]
+        p, i = stack[0]._parameters, stack[1]
+        return p["hada_w1_a"][i], p["hada_w1_b"][i], p["hada_w2_a"][i], p["hada_w2_b"][i]
+
+    def _factor(self, k):
+        """The k-th factor's storage tensor (a per-layer or a stacked Parameter): for dtype, device, version."""
+        stack = self.__dict__.get("_stack")
+        return self._parameters[FACTOR_NAMES[k]] if stack is None else stack[0]._parameters[FACTOR_NAMES[k]]
+
+    def __getattr__(self, name):
+        if name in FACTOR_NAMES and self.__dict__.get("_stack") is not None:
+            return self.factors()[FACTOR_NAMES.index(name)]
+        return super().__getattr__(name)
 
     def delta_weight(self) -> torch.Tensor:
         """scale·ΔW in fp32 (or the factors' dtype if wider), without dropout."""
@@ -367,12 +401,13 @@ class LoHaLinear(nn.Module):
         """Rank/module dropout as one per-output-row multiplier (no data-dependent branch)."""
         if not self.training or (self.rank_dropout == 0 and self.module_dropout == 0):
             return None
-        w = self.hada_w1_a
+        w = self._factor(0)
+        n = w.shape[-2]
         if self.rank_dropout > 0:
-            row = (torch.rand(w.shape[0], device=w.device) > self.rank_dropout).to(w.dtype)
+            row = (torch.rand(n, device=w.device) > self.rank_dropout).to(w.dtype)
             row = row / row.mean().clamp_min(1e-12)
         else:
-            row = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
+            row = torch.ones(n, device=w.device, dtype=w.dtype)
         if self.module_dropout > 0:
             row = row * (torch.rand((), device=w.device) >= self.module_dropout).to(w.dtype)
         return row
@@ -396,15 +431,15 @@ class LoHaLinear(nn.Module):
         w = self._base_weight()
         if self._forward_mode != "grouped" or self.merged or self.multiplier == 0 or w.requires_grad:
             return None
-        return (w.shape, w.dtype, w.device, self.rank, self._parameters["hada_w1_a"].dtype)
+        return (w.shape, w.dtype, w.device, self.rank, self._factor(0).dtype)
 
     def _stamp(self, dtype):
         """Everything a prebuilt W + ΔW depends on; a prebuilt weight is used only if this still matches."""
-        w, p = self._base_weight(), self._parameters
-        a1 = p["hada_w1_a"]
+        w = self._base_weight()
+        f = [self._factor(k) for k in range(4)]
         return (dtype, torch.is_grad_enabled(), self.training, self.alpha / self.rank * self.multiplier,
-                w._version, a1._version, p["hada_w1_b"]._version, p["hada_w2_a"]._version,
-                p["hada_w2_b"]._version, w.data_ptr(), a1.data_ptr())
+                w._version, f[0]._version, f[1]._version, f[2]._version, f[3]._version, w.data_ptr(),
+                f[0].data_ptr())
 
     def _grouped_forward(self, x):
         prebuilt = self._prebuilt
@@ -425,8 +460,8 @@ class LoHaLinear(nn.Module):
             if self._group_key() is not None:
                 return self._grouped_forward(x)
             self.__dict__["_prebuilt"] = None  # no longer groupable (e.g. W made trainable): drop what was built
-        base, p = self._modules["base_layer"]._parameters, self._parameters
-        args = (base["weight"], base["bias"], p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"],
+        base = self._modules["base_layer"]._parameters
+        args = (base["weight"], base["bias"], *self.factors(),
                 self.alpha / self.rank * self.multiplier, self._row_scale(), mode != "bypass")
         if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
             return _LoHaLinearFunction.forward(None, x, *args)
@@ -463,3 +498,48 @@ class LoHaLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha:g}, forward_mode={self._forward_mode!r}, "
                 f"rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}, merged={self.merged}")
+
+
+class LoHaStack(nn.Module):
+    """The factors of L LoHaLinear layers of one shape, rank and factor dtype as four (L, ·, ·) Parameters
+    (``loha.stack`` makes them). The layers keep reading and writing their factors, as views of their
+    slice; what changes is what ``parameters()``, optimizers, DDP and gradient clipping see: four tensors
+    per shape instead of four per layer. With ``forward_mode="grouped"`` the group's rebuild then takes
+    the stacked Parameters as they are and autograd accumulates four gradients, not 4L (BENCHMARKS.md)."""
+
+    def __init__(self, layers: list[LoHaLinear]):
+        super().__init__()
+        needs = {f.requires_grad for m in layers for f in m.factors()}
+        if len(needs) != 1:
+            raise LoHaError("some of these adapters' factors are frozen and some are not; stack them with "
+                            "the same requires_grad")
+        trainable = needs.pop()
+        with torch.no_grad():
+            for k, name in enumerate(FACTOR_NAMES):
+                stacked = torch.stack([m.factors()[k] for m in layers])
+                self.register_parameter(name, nn.Parameter(stacked, requires_grad=trainable))
+        self.__dict__["layers"] = list(layers)  # plain references: the layers live in the model's tree
+        for i, m in enumerate(layers):
+            for name in FACTOR_NAMES:
+                del m._parameters[name]
+            m.__dict__["_stack"] = (self, i)
+            m.__dict__["_prebuilt"] = None
+
+    def factors(self):
+        p = self._parameters
+        return p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"]
+
+    def unstack(self):
+        """Give every layer its own Parameters again (copies of its slice), and forget the layers."""
+        for m in self.layers:
+            params = [nn.Parameter(f.detach().clone(), requires_grad=s.requires_grad)
+                      for f, s in zip(m.factors(), self.factors())]
+            m.__dict__["_stack"] = None
+            m.__dict__["_prebuilt"] = None
+            for name, param in zip(FACTOR_NAMES, params):
+                m.register_parameter(name, param)
+        self.__dict__["layers"] = []
+
+    def extra_repr(self) -> str:
+        out_f, rank = self.hada_w1_a.shape[1:]
+        return f"layers={len(self.layers)}, out_features={out_f}, in_features={self.hada_w1_b.shape[2]}, rank={rank}"

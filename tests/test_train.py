@@ -119,7 +119,7 @@ def test_cli_run_writes_every_output(tiny_pipeline_dir, tmp_path):
     assert grid.text["step"] == "4" and grid.text["prompt"] == "a photo of a cat\na red cup"
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]  # total limit 1 pruned checkpoint-2
     ckpt = out / "checkpoint-4"
-    assert json.loads((ckpt / "training_state.json").read_text()) == {"global_step": 4}
+    assert json.loads((ckpt / "training_state.json").read_text()) == {"global_step": 4, "factor_storage": "per-layer"}
     assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet"} <= {p.name for p in ckpt.iterdir()}
     assert not list(ckpt.glob("model*"))  # adapter only, never the frozen model
     assert_same_weights(adapter_weights(ckpt / "unet"), adapter_weights(out / "unet"))
@@ -154,10 +154,11 @@ def test_seed_recipe_peft_loads_like_loha(tiny_pipeline_dir, tmp_path):
 
 
 def test_grouped_forward_mode_trains_like_merged(tiny_pipeline_dir, tmp_path):
-    """--loha_forward_mode grouped (with gradient checkpointing and the text encoders trained) ends at the
-    weights the default per-layer mode reaches (bit for bit on this machine). The tolerance is 1 % of one
-    update, for float summation order elsewhere; a wrong gradient differs by whole updates, and the
-    unused last CLIP layer getting zero gradients instead of none (so AdamW decays it) by 8e-4."""
+    """--loha_forward_mode grouped (with gradient checkpointing and the text encoders trained; the UNet's
+    factors stacked, the encoders' per layer) ends at the weights the default per-layer mode reaches.
+    The tolerance is 1 % of one update, for float summation order elsewhere; a wrong gradient differs
+    by whole updates, and the unused last CLIP layer getting zero gradients instead of none (so AdamW
+    decays it) by 8e-4."""
     common = ("--gradient_checkpointing", "--train_text_encoder", "--learning_rate", "1e-2")
     merged = train(tiny_pipeline_dir, tmp_path, *common, name="merged", steps=3)
     grouped = train(tiny_pipeline_dir, tmp_path, *common, "--loha_forward_mode", "grouped", name="grouped", steps=3)
@@ -186,6 +187,27 @@ def test_resume_mid_epoch_is_bitwise(tiny_pipeline_dir, tmp_path):
                                                                           "attn1.to_q.hada_w2_a"],
                            adapter_weights(full / "unet")["base_model.model.down_blocks.1.attentions.0."
                                                           "transformer_blocks.0.attn1.to_q.hada_w2_a"])
+
+
+def test_grouped_resume_is_bitwise_and_storage_mismatch_is_refused(tiny_pipeline_dir, tmp_path, capsys):
+    """--loha_forward_mode grouped stores the UNet's factors stacked (loha.stack), so its optimizer state
+    has a few stacked tensors: a resumed grouped run equals an uninterrupted one bit for bit, and a
+    resume in a per-layer mode (or the other way round) is refused before anything loads, naming the flag."""
+    extra = ["--checkpointing_steps", "2", "--loha_forward_mode", "grouped"]
+    full = train(tiny_pipeline_dir, tmp_path, *extra, name="full", steps=4)
+    state = json.loads((full / "checkpoint-2" / T.STATE_FILE).read_text())
+    assert state == {"global_step": 2, "factor_storage": "stacked"}
+    part = tmp_path / "part"
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    resumed = train(tiny_pipeline_dir, tmp_path, *extra, "--resume_from_checkpoint", "latest", name="part", steps=4)
+    assert_same_weights(adapter_weights(full / "unet"), adapter_weights(resumed / "unet"))
+    refused = tmp_path / "refused"
+    shutil.copytree(full / "checkpoint-2", refused / "checkpoint-2")
+    before = {f: f.read_bytes() for f in refused.rglob("*") if f.is_file()}
+    argv = base_args(tiny_pipeline_dir, refused, tmp_path / "cache", "--resume_from_checkpoint", "latest", steps=4)
+    fails_with(capsys, argv, "optimizer state is for stacked LoHa factors", "--loha_forward_mode it was written "
+               "with (grouped)")
+    assert {f: f.read_bytes() for f in refused.rglob("*") if f.is_file()} == before  # nothing written or lost
 
 
 def test_partial_checkpoint_is_never_latest(tmp_path):
