@@ -26,6 +26,11 @@ Three forward strategies give the same math:
   W + ΔW (out×in, in the compute dtype) for backward, as a trainable Linear would. Under ``torch.compile`` it runs as
   ``"merged"`` (the compiler fuses the per-layer ops anyway).
 
+Storage: each layer owns its four factors, unless ``loha.stack`` has moved the factors of all same-shape
+layers into a ``LoHaStack`` (four (L, ·, ·) Parameters); the layers then see views of their slice. The
+grouped rebuild takes a whole stack as it is, so autograd and the optimizer handle four tensors per
+shape instead of four per layer.
+
 This file imports nothing of the package.
 """
 
