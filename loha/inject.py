@@ -115,7 +115,7 @@ def stack(model: nn.Module) -> list[LoHaStack]:
         raise LoHaError("this model's adapters are already stacked; call loha.unstack(model) first")
     groups: dict[tuple, list[LoHaLinear]] = {}
     for layer in layers.values():
-        f = layer._factor(0)
+        f = layer._storage()[0]
         key = (tuple(layer.base_layer.weight.shape), layer.rank, f.dtype, f.device)
         groups.setdefault(key, []).append(layer)
     stacks = [LoHaStack(group) for group in groups.values()]

@@ -76,10 +76,15 @@ def _effective_weight(weight, p1, p2, scale, dtype):
 FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
+def _is_stacked(factors):
+    """True for a LoHaStack's four (L, ·, ·) Parameters, False for 4L per-layer (2-D) factors."""
+    return len(factors) == 4 and factors[0].dim() == 3
+
+
 def _stack_factors(factors):
     """4L per-layer factors (w1a, w1b, w2a, w2b, w1a, ...) → four stacked (L, ·, ·) tensors; four
     already stacked ones (a LoHaStack's Parameters) are returned as they are."""
-    if len(factors) == 4 and factors[0].dim() == 3:
+    if _is_stacked(factors):
         return list(factors)
     return [torch.stack(factors[i::4]) for i in range(4)]
 
@@ -171,7 +176,7 @@ class _GroupedRebuildFunction(torch.autograd.Function):
             torch.bmm(w2a[sl].transpose(1, 2), gp1, out=g2b[sl])
         if row_scale is not None:
             g1a.mul_(row_scale[:, :, None])
-        if len(factors) == 4 and factors[0].dim() == 3:  # a LoHaStack's Parameters
+        if _is_stacked(factors):
             return (None, None, None, None, None, *grads)
         per_layer = itertools.chain.from_iterable(
             (None,) * 4 if t is None else factor_grads
@@ -204,7 +209,7 @@ class _LayerGroup:
         members = [m for m in self.layers if m is requester or m._group_key() == key]
         if requester not in members:  # a layer that is not (or no longer) in this group: a group of its own
             members = [requester]
-        w, f = requester._base_weight(), requester._factor(0)
+        w, f = requester._base_weight(), requester._storage()[0]
         scales = [m.scale for m in members]
         if len(set(scales)) == 1:
             scale = scales[0]
@@ -386,10 +391,11 @@ class LoHaLinear(nn.Module):
         p, i = stack[0]._parameters, stack[1]
         return p["hada_w1_a"][i], p["hada_w1_b"][i], p["hada_w2_a"][i], p["hada_w2_b"][i]
 
-    def _factor(self, k):
-        """The k-th factor's storage tensor (a per-layer or a stacked Parameter): for dtype, device, version."""
+    def _storage(self):
+        """The four Parameters that hold the factors: this layer's, or its LoHaStack's (for dtype, device,
+        in-place versions and data pointers; a slice view would cost an op per call)."""
         stack = self.__dict__.get("_stack")
-        return self._parameters[FACTOR_NAMES[k]] if stack is None else stack[0]._parameters[FACTOR_NAMES[k]]
+        return self.factors() if stack is None else stack[0].factors()
 
     def __getattr__(self, name):
         if name in FACTOR_NAMES and self.__dict__.get("_stack") is not None:
@@ -406,7 +412,7 @@ class LoHaLinear(nn.Module):
         """Rank/module dropout as one per-output-row multiplier (no data-dependent branch)."""
         if not self.training or (self.rank_dropout == 0 and self.module_dropout == 0):
             return None
-        w = self._factor(0)
+        w = self._storage()[0]
         n = w.shape[-2]
         if self.rank_dropout > 0:
             row = (torch.rand(n, device=w.device) > self.rank_dropout).to(w.dtype)
@@ -436,12 +442,11 @@ class LoHaLinear(nn.Module):
         w = self._base_weight()
         if self._forward_mode != "grouped" or self.merged or self.multiplier == 0 or w.requires_grad:
             return None
-        return (w.shape, w.dtype, w.device, self.rank, self._factor(0).dtype)
+        return (w.shape, w.dtype, w.device, self.rank, self._storage()[0].dtype)
 
     def _stamp(self, dtype):
         """Everything a prebuilt W + ΔW depends on; a prebuilt weight is used only if this still matches."""
-        w = self._base_weight()
-        f = [self._factor(k) for k in range(4)]
+        w, f = self._base_weight(), self._storage()
         return (dtype, torch.is_grad_enabled(), self.training, self.alpha / self.rank * self.multiplier,
                 w._version, f[0]._version, f[1]._version, f[2]._version, f[3]._version, w.data_ptr(),
                 f[0].data_ptr())
