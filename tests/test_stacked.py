@@ -257,3 +257,27 @@ def test_stack_errors_and_eject():
     with pytest.raises(loha.LoHaError, match="same requires_grad"):
         loha.stack(mixed)
     assert not hasattr(mixed, "loha_stacks") and len(loha.trainable_parameters(mixed)) == 4 * 136  # untouched
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_stacked_equals_unstacked_grouped_under_bf16_autocast(base_dtype):
+    """Mixed precision as the trainer runs it (fp32 factors, bf16 autocast, a bf16 or fp32 base): the
+    stack's rebuild computes the same numbers as the per-layer grouped one, bit for bit."""
+    models = []
+    for stacked in (False, True):
+        torch.manual_seed(0)
+        m = Toy(base_dtype)
+        loha.inject(m, rank=3, target_modules=["a", "b", "c", "d"], forward_mode="grouped", rank_dropout=0.3)
+        randomize_adapters(m, seed=1)
+        if stacked:
+            loha.stack(m)
+        models.append(m)
+    outs = []
+    for m in models:
+        torch.manual_seed(5)  # the same rank-dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(torch.randn(4, 12, dtype=base_dtype, generator=torch.Generator().manual_seed(3)))
+        y.float().square().sum().backward()
+        outs.append(y)
+    assert outs[0].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(layer_grads(models[0]), layer_grads(models[1])))
