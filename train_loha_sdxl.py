@@ -720,8 +720,8 @@ def resume_from_checkpoint(run: Run, args):
         raise LoHaError(f"cannot resume from {path}: unreadable {STATE_FILE} ({e})") from None
     if stored != factor_storage(args):
         raise LoHaError(f"cannot resume from {path}: its optimizer state is for {stored} LoHa factors, this "
-                        f"run's for {factor_storage(args)}; resume with the --loha_forward_mode it was "
-                        f"written with ({'grouped' if stored == 'stacked' else 'merged or bypass'})")
+                        f"run's for {factor_storage(args)}; resume it with --loha_forward_mode "
+                        f"{'grouped' if stored == 'stacked' else 'merged or bypass'}")
     try:
         run.accelerator.load_state(str(path))
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -205,9 +205,15 @@ def test_grouped_resume_is_bitwise_and_storage_mismatch_is_refused(tiny_pipeline
     shutil.copytree(full / "checkpoint-2", refused / "checkpoint-2")
     before = {f: f.read_bytes() for f in refused.rglob("*") if f.is_file()}
     argv = base_args(tiny_pipeline_dir, refused, tmp_path / "cache", "--resume_from_checkpoint", "latest", steps=4)
-    fails_with(capsys, argv, "optimizer state is for stacked LoHa factors", "--loha_forward_mode it was written "
-               "with (grouped)")
+    fails_with(capsys, argv, "optimizer state is for stacked LoHa factors, this run's for per-layer",
+               "resume it with --loha_forward_mode grouped")
     assert {f: f.read_bytes() for f in refused.rglob("*") if f.is_file()} == before  # nothing written or lost
+    # the other way round, from a checkpoint of the code before stacking (no "factor_storage": per-layer)
+    (refused / "checkpoint-2" / T.STATE_FILE).write_text('{"global_step": 2}')
+    argv = base_args(tiny_pipeline_dir, refused, tmp_path / "cache", "--resume_from_checkpoint", "latest",
+                     "--loha_forward_mode", "grouped", steps=4)
+    fails_with(capsys, argv, "optimizer state is for per-layer LoHa factors, this run's for stacked",
+               "resume it with --loha_forward_mode merged or bypass")
 
 
 def test_partial_checkpoint_is_never_latest(tmp_path):
