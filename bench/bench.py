@@ -23,6 +23,7 @@ accelerate's mixed precision does. Every variant gets a fresh UNet with the same
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -360,7 +361,9 @@ def run_steps(v: Variant, inputs, device, dtype, steps: int):
         v.peak_bytes = max(v.peak_bytes or 0, memory.peak_bytes)
 
 
-def measure(args) -> dict:
+def measure(args, on_variant=None) -> dict:
+    """Runs every variant; returns the report. ``on_variant(report so far)`` is called after each variant
+    when they run one at a time, so a run cut short (a device lease's time limit) keeps what it measured."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -370,6 +373,12 @@ def measure(args) -> dict:
         print("warning: with torch 2.13, compiled CPU graphs of the UNet compute wrong weight gradients "
               "(BENCHMARKS.md section 1); these timings are not of a correct training step", file=sys.stderr)
     results, adapted = {}, {}
+    env = environment(device)
+
+    def report() -> dict:
+        with_ratios = copy.deepcopy(results)
+        add_ratios(with_ratios)
+        return {"config": run_config(args), "environment": env, "results": with_ratios}
 
     def finish(v: Variant):
         times = v.step_times if device.type == "cuda" else v.step_cpu_times  # the same rule as primary()
@@ -396,6 +405,8 @@ def measure(args) -> dict:
                 train_step(v, inputs, device, dtype)
             run_steps(v, inputs, device, dtype, args.steps)
             finish(v)
+            if on_variant is not None:
+                on_variant(report())
             del v
             gc.collect()
             if device.type == "cuda":
@@ -414,8 +425,7 @@ def measure(args) -> dict:
                 run_steps(v, inputs, device, dtype, args.steps)
         for v in built:
             finish(v)
-    add_ratios(results)
-    return {"config": run_config(args), "environment": environment(device), "results": results}
+    return report()
 
 
 def add_ratios(results: dict):
@@ -501,7 +511,8 @@ def markdown_table(report: dict) -> str:
         f"grad ckpt {'on' if cfg['gradient_checkpointing'] else 'off'}, compile {'on' if cfg['compile'] else 'off'}, "
         f"AdamW {cfg['optimizer']}; {machine}; {env['date_utc']}; torch {env['torch']}, diffusers "
         f"{env['diffusers']}, peft {env['peft']}, lycoris {env['lycoris']}; {cfg['rounds']}×{cfg['steps']} timed "
-        f"steps after {cfg['warmup']} warm-up; times are {clock}",
+        f"steps after {cfg['warmup']} warm-up; times are {clock}"
+        + (f"; **partial: {report['partial']}** (the run stopped early)" if report.get("partial") else ""),
         "",
         "| variant | params | step median ms | step min ms | vs floor | vs PEFT LoHa | vs LyCORIS "
         f"| {'peak GiB (max allocated)' if on_gpu else 'peak memory'} | saved for backward MiB "
@@ -663,15 +674,23 @@ def run(args) -> int:
         if args.json:
             args.json.write_text(json.dumps({"train_args": args.train_throughput, **result}, indent=2) + "\n")
         return 0
-    report = measure(args)
-    table = markdown_table(report)
-    print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    def write(report: dict):
+        """JSON and markdown, replaced atomically: after every variant (marked partial), then complete."""
+        for path, text in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, markdown_table(report))):
+            if path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                loha.atomic_write_bytes(path, text.encode())
+
+    def progress(report: dict):
+        done = list(report["results"])
+        r = report["results"][done[-1]]
+        print(f"[{len(done)}/{len(args.variants)}] {done[-1]}: step median {_ms(r['step_median_s'])} ms",
+              file=sys.stderr, flush=True)
+        write({**report, "partial": f"{len(done)} of {len(args.variants)} variants"})
+
+    report = measure(args, on_variant=progress)
+    print(markdown_table(report))
+    write(report)
     return 0
 
 

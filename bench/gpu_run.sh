@@ -12,7 +12,8 @@
 #       -d .whl diffusers==0.42.1 lycoris-lora==4.1.3 peft==0.21.2 toml==0.10.2
 #
 # Each configuration has its own time limit, so one that runs long (or runs out of memory) leaves the
-# others' results; every table is printed and written as .md and .json (8 files, the most that come back).
+# others' results, and its own .json/.md keep every variant it finished (bench.py rewrites them after each
+# variant, marked partial); every table is printed and written as .md and .json (8 files come back).
 # Override for a CPU smoke test of the script itself:
 #   PYTHON=.venv/bin/python MODEL=tiny DEVICE=cpu DTYPE=fp32 RES=64 OUT=/tmp/smoke bash bench/gpu_run.sh
 set -u

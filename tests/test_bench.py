@@ -62,6 +62,35 @@ def test_tiny_bench_runs_every_variant_and_reports_consistent_numbers(bench, tin
     assert report["environment"]["torch"] == torch.__version__
 
 
+def test_a_run_cut_short_keeps_the_variants_it_finished(bench, tmp_path, monkeypatch, capsys):
+    """A device lease's time limit can kill a run mid-way: the JSON and markdown already hold every
+    finished variant, marked partial, and the complete run replaces them (not marked)."""
+    original = bench.build_variant
+
+    def dies_on_the_third(name, *args):
+        if name == "peft-loha":
+            raise KeyboardInterrupt  # what a SIGINT from `timeout -s INT` would do; SIGTERM kills outright
+        return original(name, *args)
+
+    monkeypatch.setattr(bench, "build_variant", dies_on_the_third)
+    out = tmp_path / "r.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--infer_steps", "0",
+            "--threads", "1", "--variants", "floor", "loha-stacked", "peft-loha", "--json", str(out),
+            "--markdown", str(tmp_path / "r.md")]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    partial = json.loads(out.read_text())
+    assert list(partial["results"]) == ["floor", "loha-stacked"] and partial["partial"] == "2 of 3 variants"
+    assert partial["results"]["loha-stacked"]["step_vs_floor"] > 0  # ratios computed on what there is
+    assert "**partial: 2 of 3 variants**" in (tmp_path / "r.md").read_text()
+    assert "[2/3] loha-stacked: step median" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "build_variant", original)
+    assert bench.main(argv) == 0
+    complete = json.loads(out.read_text())
+    assert list(complete["results"]) == ["floor", "loha-stacked", "peft-loha"] and "partial" not in complete
+    assert "partial" not in (tmp_path / "r.md").read_text()
+
+
 def test_every_variant_adapts_the_same_linears(bench):
     """LyCORIS' preset and PEFT's target matching must land on exactly our 136 tiny-UNet linears."""
     import loha
