@@ -91,6 +91,20 @@ def test_a_run_cut_short_keeps_the_variants_it_finished(bench, tmp_path, monkeyp
     assert "partial" not in (tmp_path / "r.md").read_text()
 
 
+def test_lever10_prototype_saves_what_merged_saves_with_grouped_gradients():
+    """The measured-and-dropped lean grouped prototype (BENCHMARKS.md §2, lever 10) still runs: the same
+    factor gradients as grouped mode (asserted inside), and merged's saved-for-backward bytes."""
+    lever10 = _load("lever10_lean_grouped")
+    threads = torch.get_num_threads()
+    try:
+        result = lever10.main("foreach", 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["loha-stacked-lean"]["saved_bytes"] == result["loha-merged"]["saved_bytes"]
+    assert result["loha-stacked"]["saved_bytes"] > result["loha-merged"]["saved_bytes"]
+    assert all(r["step_median_s"] > 0 for r in result.values())
+
+
 def test_every_variant_adapts_the_same_linears(bench):
     """LyCORIS' preset and PEFT's target matching must land on exactly our 136 tiny-UNet linears."""
     import loha
