@@ -74,13 +74,19 @@ def count_builds(monkeypatch):
 @pytest.mark.parametrize("per_layer_scale", [False, True])
 @pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("chunk", [1 << 16, 130])  # 130 elements: one 12×10 layer per chunk
-def test_grouped_rebuild_gradcheck_float64(monkeypatch, per_layer_scale, rows, chunk):
+@pytest.mark.parametrize("stacked", [False, True])  # 4L per-layer factors, or a LoHaStack's four (L, ·, ·)
+def test_grouped_rebuild_gradcheck_float64(monkeypatch, per_layer_scale, rows, chunk, stacked):
     monkeypatch.setattr(layer_module, "CPU_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64)
     weights = [torch.randn(10, 12, **f64) for _ in range(3)]
     shapes = [(10, 2), (2, 12), (10, 2), (2, 12)]
-    factors = [torch.randn(s, **f64, requires_grad=True) for _ in range(3) for s in shapes]
+    if stacked:
+        factors = [torch.randn(3, *s, **f64, requires_grad=True) for s in shapes]
+        layer_factors = lambda i: [f[i] for f in factors]
+    else:
+        factors = [torch.randn(s, **f64, requires_grad=True) for _ in range(3) for s in shapes]
+        layer_factors = lambda i: factors[4 * i:4 * i + 4]
     scale = torch.tensor([0.5, 1.0, 2.0], **f64)[:, None, None] if per_layer_scale else 0.7
     row_scale = torch.rand(3, 10, **f64) + 0.5 if rows else None
     fn = lambda *f: _GroupedRebuildFunction.apply(weights, scale, row_scale, torch.float64, _Build(), *f)
@@ -88,10 +94,13 @@ def test_grouped_rebuild_gradcheck_float64(monkeypatch, per_layer_scale, rows, c
     # and the value against the formula written per layer
     out = fn(*factors)
     for i in range(3):
-        a1, b1, a2, b2 = factors[4 * i:4 * i + 4]
+        a1, b1, a2, b2 = layer_factors(i)
         s = scale[i] if per_layer_scale else scale
         r = row_scale[i][:, None] if rows else 1.0
         torch.testing.assert_close(out[i], weights[i] + s * ((a1 * r) @ b1) * (a2 @ b2))
+    if stacked:  # a layer whose output is unused gets zeros in its slice (a stack cannot be partly None)
+        (out[0].sum() + out[2].square().sum()).backward()
+        assert all(f.grad is not None and not f.grad[1].any() and f.grad[0].any() for f in factors)
 
 
 def test_grouped_matches_merged_over_training_steps(count_builds):

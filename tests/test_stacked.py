@@ -1,5 +1,6 @@
 """loha.stack: the factors of same-shape adapters stored as four stacked Parameters per shape. Checked
-against the per-layer storage (values, gradients, optimizer steps, files) and float64 math."""
+against the per-layer storage (values, gradients, optimizer steps, files); the float64 gradcheck of the
+rebuild fed stacked Parameters is tests/test_grouped.py::test_grouped_rebuild_gradcheck_float64."""
 
 import copy
 
@@ -9,7 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 import loha
-from loha.layer import FACTOR_NAMES, _Build, _GroupedRebuildFunction
+from loha.layer import FACTOR_NAMES, _GroupedRebuildFunction
 from loha.tiny_sdxl import tiny_unet
 from tests.helpers import randomize_adapters, unet_inputs
 from tests.test_grouped import Toy, assert_close_lists
@@ -92,29 +93,6 @@ def test_stack_keeps_every_value_and_writes_through():
 
 def layer_path(model, layer):
     return next(p for p, m in loha.adapter_modules(model).items() if m is layer)
-
-
-@pytest.mark.parametrize("rows", [False, True])
-@pytest.mark.parametrize("per_layer_scale", [False, True])
-def test_stacked_rebuild_gradcheck_float64(rows, per_layer_scale):
-    """The grouped rebuild fed a stack's four (L, ·, ·) Parameters: float64 gradcheck, the value against
-    the formula written per layer, and a layer whose output is unused gets zeros in its slice."""
-    torch.manual_seed(0)
-    f64 = dict(dtype=torch.float64)
-    weights = [torch.randn(10, 12, **f64) for _ in range(3)]
-    stacked = [torch.randn(s, **f64, requires_grad=True) for s in ((3, 10, 2), (3, 2, 12), (3, 10, 2), (3, 2, 12))]
-    scale = torch.tensor([0.5, 1.0, 2.0], **f64)[:, None, None] if per_layer_scale else 0.7
-    row_scale = torch.rand(3, 10, **f64) + 0.5 if rows else None
-    fn = lambda *f: _GroupedRebuildFunction.apply(weights, scale, row_scale, torch.float64, _Build(), *f)
-    assert torch.autograd.gradcheck(fn, stacked)
-    out = fn(*stacked)
-    for i in range(3):
-        a1, b1, a2, b2 = (f[i] for f in stacked)
-        s = scale[i] if per_layer_scale else scale
-        r = row_scale[i][:, None] if rows else 1.0
-        torch.testing.assert_close(out[i], weights[i] + s * ((a1 * r) @ b1) * (a2 @ b2))
-    (out[0].sum() + out[2].square().sum()).backward()  # layer 1 unused
-    assert all(f.grad is not None and not f.grad[1].any() and f.grad[0].any() for f in stacked)
 
 
 def test_stacked_grouped_trains_like_per_layer_merged(rebuild_inputs):
