@@ -187,11 +187,10 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     ``loha.stack``, four per LoHaStack."""
     params, seen = [], set()
     for layer in adapter_modules(model).values():
-        if layer._stack is None:
-            params.extend(layer.factors())
-        elif id(layer._stack[0]) not in seen:
-            seen.add(id(layer._stack[0]))
-            params.extend(layer._stack[0].factors())
+        storage = layer._storage()  # a stack's four Parameters are shared by all its layers: listed once
+        if id(storage[0]) not in seen:
+            seen.add(id(storage[0]))
+            params.extend(storage)
     return params
 
 
