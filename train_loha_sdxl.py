@@ -99,104 +99,158 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     on_off = dict(action=argparse.BooleanOptionalAction, default=False)  # --x / --no-x: demo defaults can be undone
     g = p.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
                    help="offline demo: build a tiny SDXL pipeline locally and train on examples/data "
                         "(explicit flags override its defaults)")
-    g.add_argument("--demo_model_dir", default="loha-demo/tiny-sdxl", help="where --demo builds its pipeline")
+    g.add_argument("--demo_model_dir", default="loha-demo/tiny-sdxl", help="folder where --demo builds its pipeline")
 
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="hub id or local folder")
+    g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL,
+                   help="the SDXL base model: a hub id or a local diffusers folder")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="a VAE that is safe in 16 bits, e.g. madebyollin/sdxl-vae-fp16-fix")
-    g.add_argument("--revision", default=None)
-    g.add_argument("--variant", default=None, help="e.g. fp16")
-    g.add_argument("--cache_dir", default=None, help="Hugging Face download cache")
+                   help="a VAE that is safe in 16 bits (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; "
+                        "default: none (the model's own VAE, run in fp32)")
+    g.add_argument("--revision", default=None,
+                   help="hub revision (branch, tag or commit) of the base model; default: main")
+    g.add_argument("--variant", default=None,
+                   help="weight file variant of the base model, e.g. fp16; default: none (the plain weights)")
+    g.add_argument("--cache_dir", default=None, help="Hugging Face download cache folder; default: $HF_HOME/hub")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default=None, help="hub id or local datasets folder")
-    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--dataset_name", default=None,
+                   help="a hub dataset id or a local datasets folder; default: none (give this or --train_data_dir)")
+    g.add_argument("--dataset_config_name", default=None, help="the dataset's configuration name; default: none")
     g.add_argument("--train_data_dir", default=None,
-                   help="folder with metadata.jsonl, or kohya layout (photo.png + photo.txt)")
-    g.add_argument("--image_column", default="image")
-    g.add_argument("--caption_column", default="text")
-    g.add_argument("--caption_extension", default=".txt", help="kohya layout caption files")
-    g.add_argument("--max_train_samples", type=int, default=None)
-    g.add_argument("--resolution", type=int, default=1024)
-    g.add_argument("--center_crop", **on_off, help="else a random crop")
-    g.add_argument("--random_flip", **on_off)
-    g.add_argument("--enable_bucket", **on_off, help="aspect-ratio buckets (SDXL/kohya style)")
-    g.add_argument("--caption_dropout", type=float, default=0.0, help="probability of the empty prompt (CFG)")
-    g.add_argument("--cache_latents", **on_off, help="encode every image once, store on disk")
+                   help="an image folder with metadata.jsonl, or kohya's layout (photo.png + photo.txt); "
+                        "default: none (give this or --dataset_name)")
+    g.add_argument("--image_column", default="image", help="dataset column holding the images")
+    g.add_argument("--caption_column", default="text", help="dataset column (or metadata key) holding the captions")
+    g.add_argument("--caption_extension", default=".txt", help="caption file suffix in kohya's layout")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="use at most this many samples (a seeded choice); default: all")
+    g.add_argument("--resolution", type=int, default=1024,
+                   help="training side length in pixels: a multiple of 8, or of 64 with --enable_bucket")
+    g.add_argument("--center_crop", **on_off, help="crop the center instead of a random crop")
+    g.add_argument("--random_flip", **on_off, help="flip each image horizontally with probability 0.5")
+    g.add_argument("--enable_bucket", **on_off, help="aspect-ratio buckets (SDXL/kohya style) instead of square crops")
+    g.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="probability of training on the empty prompt instead of the caption (for CFG), in [0, 1)")
+    g.add_argument("--cache_latents", **on_off, help="encode every image once and keep the latents on disk")
     g.add_argument("--cache_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="store prompt embeddings on disk (default: on whenever the text encoders are frozen)")
+                   help="keep prompt embeddings on disk; default: on whenever the text encoders are frozen")
     g.add_argument("--feature_cache_dir", default=None,
-                   help="where cached latents/embeddings live (default: $HF_HOME/loha-sdxl-features)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+                   help="folder for cached latents and embeddings, shared safely between runs; "
+                        "default: $HF_HOME/loha-sdxl-features")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="data loader worker processes (0: in the main process)")
 
     g = p.add_argument_group("adapter")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=None, help="default: = rank")
-    g.add_argument("--target_modules", default=",".join(loha.DEFAULT_TARGETS), help="comma-separated")
-    g.add_argument("--rank_dropout", type=float, default=0.0)
-    g.add_argument("--module_dropout", type=float, default=0.0)
-    g.add_argument("--loha_forward_mode", choices=loha.FORWARD_MODES, default="merged",
-                   help="merged: W+ΔW in one GEMM, saves nothing out×in (least memory); grouped: same-shape "
-                        "layers rebuilt together, fewer ops per layer (faster where small layers are "
-                        "dispatch-bound, keeps W+ΔW per layer for backward; the UNet's factors are stored "
-                        "stacked, see loha.stack); bypass: base(x) + x·ΔWᵀ")
+    g.add_argument("--preset", default=None, choices=list(loha.PRESETS),
+                   help="which modules get LoHa, with LyCORIS's preset names: attn-only (the UNet's attention "
+                        "linears), attn-mlp, full (also the resnet convs, samplers, conv_in/out and "
+                        "the embeddings), full-lin, unet-transformer-only, unet-convblock-only; default: attn-only")
+    g.add_argument("--target_modules", default=None,
+                   help="comma-separated module names instead of a preset (a path or its last parts, e.g. to_q,to_k); "
+                        "default: none (the preset's)")
+    g.add_argument("--rank", type=int, default=8, help="LoHa rank r of Linear and 1x1 conv layers (ΔW reaches rank r²)")
+    g.add_argument("--alpha", type=float, default=None, help="scale is alpha/rank; default: alpha = rank (scale 1)")
+    g.add_argument("--conv_rank", type=int, default=None,
+                   help="rank of convs with a kernel larger than 1x1 (LyCORIS's conv_dim); default: --rank")
+    g.add_argument("--conv_alpha", type=float, default=None, help="alpha of those convs; default: --alpha")
+    g.add_argument("--use_tucker", **on_off,
+                   help="Tucker (CP) factors for convs larger than 1x1, as LyCORIS's use_tucker")
+    g.add_argument("--rank_dropout", type=float, default=0.0,
+                   help="probability of dropping each output row of ΔW in training, in [0, 1)")
+    g.add_argument("--module_dropout", type=float, default=0.0,
+                   help="probability of skipping a whole adapter for a step in training, in [0, 1)")
+    g.add_argument("--loha_forward_mode", choices=loha.FORWARD_MODES, default="grouped",
+                   help="grouped: same-shape layers built and differentiated together, saving only their "
+                        "inputs (fastest and leanest); merged: one Function per layer; bypass: base(x) + x·ΔWᵀ "
+                        "(keeps ΔW's own precision)")
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="also LoHa on q/k/v/out_proj of both CLIP encoders")
+                   help="also train LoHa on both CLIP text encoders (the preset's text-encoder modules)")
 
     g = p.add_argument_group("loss and noise")
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
-                   help="default: the model's scheduler config")
-    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's")
-    g.add_argument("--noise_offset", type=float, default=0.0)
+                   help="what the UNet predicts; default: the model's scheduler config")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="min-SNR loss weighting γ (5.0 is the paper's); default: off")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="per-channel noise offset (e.g. 0.05); 0: off")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--train_batch_size", type=int, default=2, help="per device")
-    g.add_argument("--num_train_epochs", type=int, default=100)
-    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", **on_off)
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--scale_lr", action="store_true", help="lr x accumulation x batch x processes")
-    g.add_argument("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts",
-                                                                  "polynomial", "constant", "constant_with_warmup"])
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--lr_num_cycles", type=int, default=1)
-    g.add_argument("--lr_power", type=float, default=1.0)
-    g.add_argument("--use_8bit_adam", action="store_true")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--train_batch_size", type=int, default=2, help="images per batch on each device")
+    g.add_argument("--num_train_epochs", type=int, default=100, help="passes over the data (unless --max_train_steps)")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="optimizer updates in all, overriding --num_train_epochs; default: none (from the epochs)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer update")
+    g.add_argument("--gradient_checkpointing", **on_off, help="recompute activations in backward: less memory, slower")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate, in (0, 1]")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by accumulation x batch x processes")
+    g.add_argument("--lr_scheduler", default="constant", help="learning-rate schedule",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                            "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="optimizer updates of linear warm-up")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes' 8-bit AdamW instead of torch's fused AdamW")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient's global norm to this")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: accelerate config; frozen weights use it, LoHa factors stay fp32")
-    g.add_argument("--allow_tf32", action="store_true")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    g.add_argument("--seed", type=int, default=0)
+                   help="dtype of the frozen weights and activations (LoHa factors stay fp32); default: "
+                        "accelerate's config")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (GPU; on CPU only with --compile_backend aot_eager)")
+    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode; reduce-overhead captures CUDA graphs (one per bucket shape)")
+    g.add_argument("--compile_backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend (aot_eager: traced graphs without code generation)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (init, data order, noise, crops)")
 
     g = p.add_argument_group("checkpoints, validation, logging")
-    g.add_argument("--output_dir", default="loha-sdxl")
-    g.add_argument("--output_name", default="loha", help="name of the kohya .safetensors file")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
-    g.add_argument("--validation_prompt", action="append", default=None, help="repeatable")
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_steps", type=int, default=500)
-    g.add_argument("--num_validation_inference_steps", type=int, default=25)
-    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
-    g.add_argument("--logging_dir", default="logs", help="relative to output_dir")
-    add("--debug_nonfinite_steps", default="", help=argparse.SUPPRESS)  # fault tests: "3,4" poisons those updates
+    g.add_argument("--output_dir", default="loha-sdxl",
+                   help="folder for the adapter, checkpoints, samples and logs (one run at a time)")
+    g.add_argument("--output_name", default="loha", help="file name (without .safetensors) of the kohya file")
+    g.add_argument("--kohya_naming", default="sgm", choices=["sgm", "diffusers"],
+                   help="module names in the kohya file: sgm (kohya/ComfyUI/A1111's lora_unet_input_blocks_…) or "
+                        "diffusers (LyCORIS's lycoris_down_blocks_…)")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every this many updates")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep only this many newest checkpoints; default: all")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' or a checkpoint-<step> folder; default: none (a new run)")
+    g.add_argument("--validation_prompt", action="append", default=None,
+                   help="prompt for sample images (repeatable); default: none (no samples)")
+    g.add_argument("--num_validation_images", type=int, default=4, help="sample images per validation prompt")
+    g.add_argument("--validation_steps", type=int, default=500, help="render samples every this many updates")
+    g.add_argument("--num_validation_inference_steps", type=int, default=25, help="sampling steps per sample image")
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard",
+                   help="where losses and samples are logged")
+    g.add_argument("--logging_dir", default="logs",
+                   help="log folder, relative to --output_dir; each run writes its own run-<time> subfolder")
+    p.add_argument("--debug_nonfinite_steps", default="", help=argparse.SUPPRESS)  # fault tests: "3,4" poisons those
+    p.add_argument("--debug_signal_at_step", default="", help=argparse.SUPPRESS)  # fault tests: "3:INT" signals self
     return p
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default once, at the end of its help ("default: …" written in the text is not repeated)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is False:
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -247,7 +301,11 @@ def check_args(args):
     need(not (args.train_text_encoder and args.cache_text_embeddings),
          "--train_text_encoder cannot be combined with --cache_text_embeddings: the embeddings change as "
          "the encoders train")
-    need(bool(target_modules(args)), "--target_modules is empty")
+    need(args.target_modules is None or bool(target_modules(args)), "--target_modules is empty")
+    need(args.target_modules is None or args.preset is None, "give --preset or --target_modules, not both")
+    need(args.conv_rank is None or args.conv_rank >= 1, f"--conv_rank must be >= 1, got {args.conv_rank}")
+    need(args.conv_alpha is None or (math.isfinite(args.conv_alpha) and args.conv_alpha > 0),
+         f"--conv_alpha must be a finite number > 0, got {args.conv_alpha}")
     for wanted, package in ((args.report_to != "none", args.report_to), (args.use_8bit_adam, "bitsandbytes")):
         need(not wanted or importlib.util.find_spec(package) is not None,
              f"{'--use_8bit_adam' if package == 'bitsandbytes' else '--report_to ' + package} needs "
@@ -265,7 +323,9 @@ def check_args(args):
         args.feature_cache_dir = os.path.join(hf_home, "loha-sdxl-features")
 
 
-def target_modules(args) -> list[str]:
+def target_modules(args) -> list[str] | None:
+    if args.target_modules is None:
+        return None
     return [t.strip() for t in args.target_modules.split(",") if t.strip()]
 
 
@@ -274,9 +334,12 @@ def check_compile_supported(args, device):
     """Measured with torch 2.13 (tests/test_train.py::test_inductor_cpu_weight_gradients_are_wrong): the
     compiled tiny SDXL UNet gets weight gradients off by 30 % to 400x from eager whenever its input needs
     no gradient, as in training; plain trainable Linear weights too, so the fault is not in LoHa."""
-    if args.compile and device.type == "cpu":
+    if args.compile and device.type == "cpu" and args.compile_backend == "inductor":
         raise LoHaError("--compile on CPU: torch.compile's CPU backend (inductor) computes wrong weight "
-                        "gradients for the SDXL UNet; train without --compile on CPU")
+                        "gradients for the SDXL UNet; train without --compile on CPU (or test the traced "
+                        "graphs with --compile_backend aot_eager)")
+    if args.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise LoHaError("--compile_mode reduce-overhead captures CUDA graphs and needs a CUDA device")
 
 
 def start_accelerator(args):
@@ -385,18 +448,19 @@ def load_models(args, accelerator) -> Models:
 
 
 def add_adapters(models: Models, args):
-    """LoHa on the UNet's attention (and the CLIP encoders' with --train_text_encoder); factors in fp32."""
-    options = dict(rank=args.rank, alpha=args.alpha, rank_dropout=args.rank_dropout,
-                   module_dropout=args.module_dropout, forward_mode=args.loha_forward_mode, dtype=torch.float32)
-    loha.inject(models.unet, target_modules=target_modules(args), **options)
-    if args.loha_forward_mode == "grouped":
-        # The UNet's factors as a few stacked Parameters: the grouped rebuild then hands autograd four
-        # gradients per shape and AdamW steps a handful of tensors (BENCHMARKS.md). Not the text
-        # encoders: CLIP's last layer never gets a gradient, and in a stack weight decay would reach it.
-        loha.stack(models.unet)
+    """LoHa on the preset's (or --target_modules') UNet modules, and with --train_text_encoder on the
+    CLIPs' (the preset's text-encoder modules); factors in fp32. In grouped mode the factors of each
+    shape are stored stacked (what that mode runs on); the per-layer modes keep them per layer, where
+    they are faster (BENCHMARKS.md)."""
+    options = dict(rank=args.rank, alpha=args.alpha, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
+                   use_tucker=args.use_tucker, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
+                   forward_mode=args.loha_forward_mode, dtype=torch.float32, stack=args.loha_forward_mode == "grouped")
+    loha.inject(models.unet, target_modules=target_modules(args), preset=args.preset, **options)
     if args.train_text_encoder:
-        loha.inject(models.text_encoder, target_modules=TEXT_ENCODER_TARGETS, **options)
-        loha.inject(models.text_encoder_2, target_modules=TEXT_ENCODER_TARGETS, **options)
+        # CLIP-L's last layer feeds nothing SDXL reads (it takes the penultimate states): stacked with its
+        # neighbours it gets zero gradients, and weight decay shrinks factors that change no output.
+        for encoder in (models.text_encoder, models.text_encoder_2):
+            loha.inject(encoder, preset=args.preset, **options)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -612,6 +676,7 @@ class Run:
     last_loss: float = float("nan")
     images_seen: int = 0
     train_seconds: float = 0.0
+    adapted: int = 0  # UNet modules with an adapter
 
 
 def prepare_training(models: Models, data: TrainingData, args, accelerator) -> Run:
@@ -638,9 +703,13 @@ def prepare_training(models: Models, data: TrainingData, args, accelerator) -> R
     trained = dict(zip(names, prepared[:len(names)]))
     optimizer, lr_scheduler = prepared[len(names):]
     if args.compile:
-        trained["unet"] = torch.compile(trained["unet"])
+        # Static shapes: one graph per bucket shape (and with reduce-overhead one CUDA graph each), so the
+        # cache must hold them all.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        trained["unet"] = torch.compile(trained["unet"], mode=None if args.compile_mode == "default" else
+                                        args.compile_mode, backend=args.compile_backend, dynamic=False)
     run = Run(accelerator, models, data, trained, optimizer, lr_scheduler, batches_per_epoch, updates_per_epoch,
-              max_train_steps, num_epochs, params)
+              max_train_steps, num_epochs, params, adapted=len(loha.adapter_modules(models.unet)))
     register_checkpoint_hooks(run, args)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("loha-sdxl", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -649,14 +718,15 @@ def prepare_training(models: Models, data: TrainingData, args, accelerator) -> R
 
 
 def make_optimizer(params, lr, args):
+    """torch's fused AdamW (one kernel for all tensors; foreach AdamW spends nearly all its ops on per-step
+    counters, BENCHMARKS.md), or bitsandbytes' 8-bit AdamW."""
+    settings = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                    eps=args.adam_epsilon)
     if args.use_8bit_adam:  # check_args made sure it is installed
         import bitsandbytes
 
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bitsandbytes.optim.AdamW8bit(params, **settings)
+    return torch.optim.AdamW(params, fused=True, **settings)
 
 
 def register_checkpoint_hooks(run: Run, args):
@@ -1057,6 +1127,8 @@ def save_final_outputs(run: Run, args):
                 loha.save(model, out / name, base_model=base)
             loha.export_kohya(unwrapped["unet"], kohya_file, text_encoder=unwrapped.get("text_encoder"),
                               text_encoder_2=unwrapped.get("text_encoder_2"), base_model=base,
+                              naming=args.kohya_naming, preset=args.preset or (
+                                  None if args.target_modules else loha.DEFAULT_PRESET),
                               metadata={"ss_steps": run.global_step, "ss_resolution": args.resolution,
                                         "ss_training_comment": trigger_prompt(run, args)})
             settings = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}
@@ -1077,7 +1149,11 @@ def trigger_prompt(run: Run, args) -> str:
 
 def model_card(run: Run, args) -> str:
     base = args.pretrained_model_name_or_path
-    rows = {"rank / alpha": f"{args.rank} / {args.alpha or args.rank}", "target modules": args.target_modules,
+    conv = f"{args.conv_rank or args.rank} / {args.conv_alpha or args.alpha or args.conv_rank or args.rank}"
+    rows = {"rank / alpha": f"{args.rank} / {args.alpha or args.rank}",
+            "modules": f"--target_modules {args.target_modules}" if args.target_modules else
+            f"preset {args.preset or loha.DEFAULT_PRESET} ({run.adapted} modules)",
+            "conv rank / alpha (kernels > 1x1)": conv + (", Tucker" if args.use_tucker else ""),
             "text encoders trained": args.train_text_encoder, "resolution": args.resolution,
             "aspect buckets": args.enable_bucket, "steps": run.global_step,
             "batch size (per device x processes x accumulation)":

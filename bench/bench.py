@@ -1,28 +1,37 @@
-"""Training-step speed, peak memory and inference time of LoHa implementations, side by side.
+"""Training-step speed, peak memory, inference time and exact op counts of LoHa implementations, side by side.
 
 One process, one device, one loop for every variant:
 
     floor         the frozen UNet, no adapter, backward taken to the input latents
-    loha-merged   this project, forward_mode="merged"  (one GEMM with W + ΔW)
-    loha-bypass   this project, forward_mode="bypass"  (base(x) + x·ΔWᵀ)
-    loha-grouped  this project, forward_mode="grouped" (W + ΔW rebuilt for all same-shape layers at once)
+    loha-grouped  this project's default: forward_mode="grouped" on stacked factors (same-shape layers
+                  built and differentiated together, saving only their inputs)
+    loha-merged   this project, forward_mode="merged", per-layer factors (one Function per layer)
+    loha-bypass   this project, forward_mode="bypass", per-layer factors (base(x) + x·ΔWᵀ)
     peft-loha     PEFT LoHa (inject_adapter_in_model + LoHaConfig, the same targets)
-    lycoris-loha  LyCORIS LoHa (preset target_module=["Attention"], algo loha)
+    lycoris-loha  LyCORIS LoHa (LycorisNetwork with the same preset)
     peft-lora     PEFT LoRA at rank 2r: the same parameter count, for reference
 
     python bench/bench.py --model tiny --device cpu --threads 1 --rounds 20 --steps 5 --json bench-cpu.json
     python bench/bench.py --model sdxl --device cuda --dtype bf16 --resolution 1024 --batch_size 1 \
         --steps 8 --warmup 3 --json sdxl-bs1.json
+    python bench/bench.py --count --model sdxl --dtype bf16 --resolution 1024   # exact ops and bytes, no memory
 
-A training step is forward + backward + AdamW (fused on CUDA, foreach on CPU, the same settings for
-every variant). Adapter factors are fp32 for every variant (diffusers' ``cast_training_params``
-convention); with ``--dtype bf16`` the base is bf16 and the forward runs under bf16 autocast, as
-accelerate's mixed precision does. Every variant gets a fresh UNet with the same seeded weights.
+A training step is forward + backward + AdamW (fused, the same settings for every variant). Adapter
+factors are fp32 for every variant (diffusers' ``cast_training_params`` convention); with ``--dtype
+bf16`` the base is bf16 and the forward runs under bf16 autocast, as accelerate's mixed precision does.
+Every variant gets a fresh UNet with the same seeded weights. ``--preset full`` adapts LyCORIS's full
+preset (attention, MLPs, resnet convs, samplers, embeddings) in every variant.
+
+``--count`` runs one steady-state step per variant under a ``TorchDispatchMode`` and counts every aten op
+dispatched, per phase (forward, backward, optimizer), split into launched ops and views/metadata (which
+launch no kernel), plus the optimizer's tensor count and the bytes saved for backward. With ``--model
+sdxl`` it runs under ``FakeTensorMode``: the full SDXL UNet at any resolution costs no memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -44,10 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import loha  # noqa: E402
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_unet  # noqa: E402
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-VARIANTS = ("floor", "loha-merged", "loha-bypass", "loha-grouped", "loha-stacked", "peft-loha", "lycoris-loha",
-            "peft-lora")
+VARIANTS = ("floor", "loha-grouped", "loha-merged", "loha-bypass", "peft-loha", "lycoris-loha", "peft-lora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGETS = list(loha.DEFAULT_TARGETS)  # the attention linears (bench/quality.py uses them too)
 
 
 class BenchError(Exception):
@@ -84,16 +92,19 @@ def _cheap_init(unet: nn.Module, seed: int):
         buffer.zero_()
 
 
-def build_unet(model: str, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A fresh UNet with identical seeded weights every call, on ``device`` in ``dtype``."""
+def build_unet(model: str, device: torch.device, dtype: torch.dtype, seed: int, fake=None) -> nn.Module:
+    """A fresh UNet with identical seeded weights every call, on ``device`` in ``dtype``; with ``fake`` (a
+    FakeTensorMode) its storage is fake: the full SDXL UNet costs no memory."""
     if model == "tiny":
-        return tiny_unet(seed).to(device=device, dtype=dtype)
+        with fake or contextlib.nullcontext():
+            return tiny_unet(seed).to(device=device, dtype=dtype)
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-    unet = unet.to(dtype).to_empty(device=device)
-    _cheap_init(unet, seed)
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(dtype)
+    with fake or contextlib.nullcontext():
+        unet = unet.to_empty(device=device)
+        _cheap_init(unet, seed)
     return unet
 
 
@@ -119,26 +130,26 @@ def make_inputs(model: str, batch_size: int, resolution: int, device, dtype, see
     }
 
 
-def add_adapter(name: str, unet: nn.Module, rank: int):
-    """Put adapter ``name`` on ``unet``'s attention linears. Returns (trainable params, extras)."""
+def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"):
+    """Put adapter ``name`` on the modules ``preset`` selects (every variant the same set, convs at the same
+    rank). Returns (trainable params, extras)."""
     extras = {}
     unet.requires_grad_(False)
     if name == "floor":
         return [], extras
-    if name in ("loha-merged", "loha-bypass", "loha-grouped", "loha-stacked"):
-        mode = "grouped" if name == "loha-stacked" else name.split("-")[1]
-        loha.inject(unet, rank=rank, alpha=rank, target_modules=TARGETS, forward_mode=mode)
-        if name == "loha-stacked":  # grouped forward, plus the factors stored as a few stacked Parameters
-            loha.stack(unet)
+    targets = loha.preset_targets(unet, preset)
+    if name.startswith("loha-"):
+        mode = name.split("-")[1]
+        loha.inject(unet, rank=rank, alpha=rank, preset=preset, forward_mode=mode, stack=mode == "grouped")
         params = loha.trainable_parameters(unet)
         extras["adapted"] = sorted(loha.adapter_modules(unet))
     elif name in ("peft-loha", "peft-lora"):
         from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
 
         if name == "peft-loha":
-            config = LoHaConfig(r=rank, alpha=rank, target_modules=TARGETS)
+            config = LoHaConfig(r=rank, alpha=rank, target_modules=targets)
         else:
-            config = LoraConfig(r=2 * rank, lora_alpha=2 * rank, target_modules=TARGETS)
+            config = LoraConfig(r=2 * rank, lora_alpha=2 * rank, target_modules=targets)
         inject_adapter_in_model(config, unet)  # called directly: PeftModel.forward wants transformers' args
         params = [p for p in unet.parameters() if p.requires_grad]
         extras["adapted"] = sorted({n.split(".hada_")[0].split(".lora_")[0]
@@ -147,12 +158,18 @@ def add_adapter(name: str, unet: nn.Module, rank: int):
         import logging
 
         from lycoris import LycorisNetwork
+        from lycoris.config import PRESET
 
         logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs a dozen INFO lines per network
-
         # Presets are class-level globals: set the one we want right before building the network.
-        LycorisNetwork.apply_preset({"target_module": ["Attention"]})
-        network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, network_module="loha")
+        if preset == "attn-only":  # LyCORIS's own attn-only names no diffusers class; the Attention class
+            LycorisNetwork.apply_preset({"target_module": ["Attention"], "target_name": [], "enable_conv": False})
+        else:
+            rules = PRESET[preset]
+            LycorisNetwork.apply_preset({"target_module": rules["unet_target_module"],
+                                         "target_name": rules["unet_target_name"], "enable_conv": rules["enable_conv"]})
+        network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, conv_lora_dim=rank,
+                                 conv_alpha=rank, network_module="loha")
         network.apply_to()
         device = next(unet.parameters()).device
         network.to(device)  # factors stay fp32, as for the other variants
@@ -344,7 +361,7 @@ def build_variant(name, args, device, dtype) -> Variant:
     unet = build_unet(args.model, device, dtype, args.seed)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params, extras = add_adapter(name, unet, args.rank)
+    params, extras = add_adapter(name, unet, args.rank, args.preset)
     unet.train()
     if args.compile:
         unet = torch.compile(unet)
@@ -426,6 +443,189 @@ def measure(args, on_variant=None) -> dict:
         for v in built:
             finish(v)
     return report()
+
+
+# ---------------------------------------------------------------------------------------------
+# exact counts: dispatched ops per phase and bytes saved for backward (noise-free, any device)
+# ---------------------------------------------------------------------------------------------
+# Ops that launch no kernel: views (they only make a new tensor header), allocations without a fill,
+# and shape/device queries. Everything else that reaches the dispatcher is a kernel launch on a GPU.
+NON_LAUNCHING = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+                 "aten.new_empty.default", "aten.new_empty_strided.default", "aten.detach.default",
+                 "aten.lift_fresh.default", "aten._unsafe_view.default", "aten.alias.default",
+                 "aten.set_.source_Storage_storage_offset", "aten.resize_.default", "prim.device.default",
+                 "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default", "aten.sym_storage_offset.default",
+                 "aten.is_same_size.default", "aten._has_compatible_shallow_copy_type.default"}
+PHASES = ("forward", "backward", "optimizer")
+
+
+def launches(func) -> bool:
+    name = str(func)
+    return not (getattr(func, "is_view", False) or name in NON_LAUNCHING or name.startswith("prim."))
+
+
+def _op_counter():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        """Counts every aten op dispatched under it, by phase, launched or not (and by op, for reading)."""
+
+        def __init__(self):
+            super().__init__()
+            self.phase = "forward"
+            self.counts = {ph: {"launched": 0, "other": 0} for ph in PHASES}
+            self.by_op = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kind = "launched" if launches(func) else "other"
+            self.counts[self.phase][kind] += 1
+            if kind == "launched":
+                key = (self.phase, str(func))
+                self.by_op[key] = self.by_op.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    return Counter()
+
+
+@contextlib.contextmanager
+def _real_scalar_draws():
+    """PEFT decides module dropout with ``torch.rand(1) > p`` and a Python ``if``: a FakeTensor has no value
+    for that. Inside this context a one-element draw is made for real (and still counted), so PEFT runs
+    its true code path under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    original = torch.rand
+
+    def rand(*size, **kwargs):
+        if size in ((1,), ((1,),)):
+            with unset_fake_temporarily():
+                return original(*size, **kwargs)
+        return original(*size, **kwargs)
+
+    torch.rand = rand
+    try:
+        yield
+    finally:
+        torch.rand = original
+
+
+@contextlib.contextmanager
+def _fake_friendly_moves():
+    """PEFT and LyCORIS call ``module.to(device)`` on modules already there; on FakeTensor parameters that
+    goes through ``swap_tensors``, which a fake tensor's weak references forbid. A move to the CPU, where
+    everything already is under our FakeTensorMode, is made a no-op here."""
+    original = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if not kwargs and len(args) == 1 and isinstance(args[0], (str, torch.device)) \
+                and torch.device(args[0]).type == "cpu":
+            return self
+        return original(self, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
+def count_variant(name: str, args, device, dtype, fake) -> dict:
+    """One steady-state training step of ``name`` (a first, uncounted step creates AdamW's state), counted."""
+    torch.manual_seed(args.seed)
+    unet = build_unet(args.model, device, dtype, args.seed, fake)
+    with fake or contextlib.nullcontext(), _fake_friendly_moves() if fake else contextlib.nullcontext():
+        return _count_steady_step(name, unet, args, device, dtype, fake)
+
+
+def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params, extras = add_adapter(name, unet, args.rank, args.preset)
+    unet.train()
+    v = Variant(name, unet, params, make_optimizer(params, "fused"), extras)
+    inputs = make_inputs(args.model, args.batch_size, args.resolution, device, dtype, args.seed)
+    scalar_draws = _real_scalar_draws() if fake is not None and name.startswith("peft") else contextlib.nullcontext()
+    with scalar_draws:
+        train_step(v, inputs, device, dtype)
+        counter = _op_counter()
+        resident = {p.untyped_storage()._cdata for p in v.unet.parameters()}
+        saved = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage._cdata not in resident:
+                saved[storage._cdata] = storage.nbytes()
+            return t
+
+        sample = inputs["sample"].detach().requires_grad_(name == "floor")
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast(device, dtype):
+                out = v.unet(sample, inputs["timestep"], inputs["encoder_hidden_states"],
+                             added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(out.float(), inputs["target"].float())
+            counter.phase = "backward"
+            loss.backward()
+            counter.phase = "optimizer"
+            if v.optimizer is not None:
+                v.optimizer.step()
+                v.optimizer.zero_grad(set_to_none=True)
+    return {"adapted": len(extras.get("adapted", [])), "optimizer_tensors": len(params),
+            "params": sum(p.numel() for p in params), "ops": counter.counts,
+            "saved_for_backward_bytes": sum(saved.values()),
+            "top_ops": sorted(([ph, op, n] for (ph, op), n in counter.by_op.items()), key=lambda r: -r[2])[:12]}
+
+
+def count_all(args) -> dict:
+    """Exact counts for every variant. ``--model sdxl`` runs under FakeTensorMode (no memory), with the GPU
+    chunk size for the grouped build (what an SDXL run on a GPU uses)."""
+    device, dtype = torch.device("cpu"), DTYPES[args.dtype]
+    fake = None
+    results = {}
+    if args.model == "sdxl":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+    chunk = loha.layer.CPU_CHUNK_ELEMENTS
+    try:
+        if fake is not None:
+            loha.layer.CPU_CHUNK_ELEMENTS = loha.layer.GPU_CHUNK_ELEMENTS
+        for name in args.variants:
+            results[name] = count_variant(name, args, device, dtype, fake)
+            print(f"counted {name}: {sum(sum(c.values()) for c in results[name]['ops'].values())} ops",
+                  file=sys.stderr, flush=True)
+    finally:
+        loha.layer.CPU_CHUNK_ELEMENTS = chunk
+    floor = results.get("floor")
+    for r in results.values():
+        r["launched"] = sum(r["ops"][ph]["launched"] for ph in PHASES)
+        r["all"] = r["launched"] + sum(r["ops"][ph]["other"] for ph in PHASES)
+        if floor is not None and r["adapted"]:
+            r["extra_launched_per_layer"] = (r["launched"] - sum(floor["ops"][ph]["launched"] for ph in PHASES)) \
+                / r["adapted"]
+            r["extra_all_per_layer"] = (r["all"] - sum(sum(floor["ops"][ph].values()) for ph in PHASES)) / r["adapted"]
+            r["saved_over_floor_bytes"] = r["saved_for_backward_bytes"] - floor["saved_for_backward_bytes"]
+    return {"config": run_config(args), "environment": environment(device), "counts": results,
+            "chunk_elements": loha.layer.GPU_CHUNK_ELEMENTS if fake is not None else chunk}
+
+
+def count_table(report: dict) -> str:
+    cfg, counts = report["config"], report["counts"]
+    lines = [f"{cfg['model']} UNet, {cfg['dtype']}, batch {cfg['batch_size']}, {cfg['resolution']}², rank "
+             f"{cfg['rank']}, preset {cfg['preset']}, fused AdamW, one steady-state step"
+             + (" under FakeTensorMode" if cfg["model"] == "sdxl" else "")
+             + f", grouped chunks of {report['chunk_elements']:,} elements; {report['environment']['date_utc']}; "
+             f"torch {report['environment']['torch']}", "",
+             "| variant | adapted | forward ops: launched · other | backward | optimizer | extra ops per adapted layer: "
+             "all · launched | saved for backward MiB | vs floor MiB | optimizer tensors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in counts.items():
+        ph = [f"{r['ops'][p]['launched']} · {r['ops'][p]['other']}" for p in PHASES]
+        extra = (f"{r['extra_all_per_layer']:.1f} · {r['extra_launched_per_layer']:.2f}"
+                 if "extra_launched_per_layer" in r else "")
+        over = f"{r['saved_over_floor_bytes'] / 2**20:+.1f}" if "saved_over_floor_bytes" in r else ""
+        lines.append(f"| {name} | {r['adapted']} | {' | '.join(ph)} | {extra} | "
+                     f"{r['saved_for_backward_bytes'] / 2**20:.1f} | {over} | {r['optimizer_tensors']} |")
+    return "\n".join(lines) + "\n"
 
 
 def add_ratios(results: dict):
@@ -617,11 +817,16 @@ def parse_args(argv=None):
                    help="> 1 keeps every variant in memory and interleaves them, round after round (for noisy CPUs)")
     p.add_argument("--infer_steps", type=int, default=5, help="timed inference forwards (0 skips inference)")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--preset", default="attn-only", choices=list(loha.PRESETS),
+                   help="which modules every variant adapts (LyCORIS's preset names; convs at --rank)")
+    p.add_argument("--count", action="store_true",
+                   help="exact op counts and saved-for-backward bytes per variant instead of timings "
+                        "(--model sdxl: under FakeTensorMode, no memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet of every variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--optimizer", choices=("fused", "foreach"), default=None,
-                   help="AdamW implementation for every variant (default: fused on CUDA, foreach on CPU)")
+                   help="AdamW implementation for every variant (default: fused, what the trainer uses)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--precision", action="store_true",
@@ -641,7 +846,7 @@ def parse_args(argv=None):
         p.error("--warmup and --infer_steps must be >= 0")
     args.variants = list(dict.fromkeys(args.variants))
     if args.optimizer is None:
-        args.optimizer = "fused" if args.device.startswith("cuda") else "foreach"
+        args.optimizer = "fused"
     return args
 
 
@@ -667,6 +872,14 @@ def main(argv=None) -> int:
 def run(args) -> int:
     if args.precision:
         print(precision_table())
+        return 0
+    if args.count:
+        report = count_all(args)
+        print(count_table(report))
+        if args.json:
+            loha.atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        if args.markdown:
+            loha.atomic_write_bytes(args.markdown, count_table(report).encode())
         return 0
     if args.train_throughput is not None:
         result = train_throughput(args.train_throughput)

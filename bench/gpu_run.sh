@@ -47,10 +47,10 @@ run() {  # name, seconds, bench.py flags...
 run sdxl-bs1 230 --batch_size 1 --steps 6 --warmup 2 --infer_steps 5
 # 2. bs4: ours against PEFT (the goal is <= 0.6x PEFT LoHa)
 run sdxl-bs4 120 --batch_size 4 --steps 5 --warmup 2 --infer_steps 0 \
-    --variants floor loha-merged loha-grouped loha-stacked peft-loha
+    --variants floor loha-grouped loha-merged peft-loha
 # 3. bs1 with gradient checkpointing
 run sdxl-bs1-ckpt 100 --batch_size 1 --steps 5 --warmup 2 --infer_steps 0 --gradient_checkpointing \
-    --variants floor loha-merged loha-grouped loha-stacked peft-loha
+    --variants floor loha-grouped loha-merged peft-loha
 # 4. is torch.compile's gradient right on this GPU? (on CPU it is not; train_loha_sdxl.py refuses it there)
 echo "== compile-check (limit 120s)"
 timeout 120 "$PYTHON" bench/compile_check.py --device "$DEVICE" 2>&1 | tee "$OUT/compile-check.txt"

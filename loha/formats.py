@@ -1,8 +1,9 @@
-"""On-disk layouts: PEFT's LoHa folder (native), the kohya/LyCORIS single file, key maps, safe reading.
+"""On-disk layouts: PEFT's LoHa folder (native), the kohya/LyCORIS/ComfyUI single file, safe reading.
 
 Only safetensors is ever read, and its header is validated before any tensor is allocated: no pickle is
 ever opened. Loading is strict: every key must be understood and land somewhere, every shape must fit,
-and nothing in the model changes until the whole file has been checked.
+and nothing in the model changes until the whole file has been checked. Writing is atomic and
+deterministic (the same adapter gives the same bytes).
 """
 
 from __future__ import annotations
@@ -15,29 +16,38 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from torch import nn
 
-from .inject import FACTOR_NAMES, _matches, _require_adapters, adapter_modules, inject, unwrap
-from .layer import LoHaError, LoHaLinear
+from . import names
+from .inject import _matches, _require_adapters, _set_module, adapter_modules, inject, loha_layers, unwrap
+from .layer import TUCKER_NAMES, AdapterLayer, DiffLayer, LoHaError, LoHaLayer, adapter_for
 
+FACTOR_NAMES = TUCKER_NAMES[:4]
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lycoris_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-EXPORT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# What an adapter file may hold. The largest real SDXL LoHa (ComfyUI's trainer: every Linear/Conv2d with
+# factors and alpha, every bias and norm with a difference, about 7,000 tensors, a 1 MiB header) is far
+# below both bounds; a file over them is a size bomb and is refused from its first bytes.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 50_000
+MAX_DELTA = 1e3  # |scale·ΔW| beyond this (SDXL's weights are below 10) is a broken or crafted adapter
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
+DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+               torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL",
+               torch.int16: "I16"}
+KEY_SUFFIXES = (*TUCKER_NAMES, "alpha", "dora_scale", "diff", "diff_b")
 OTHER_ALGOS = {"lora_down": "LoRA", "lora_up": "LoRA", "lora_A": "LoRA", "lora_B": "LoRA",
-               "lokr_w1": "LoKr", "lokr_w2": "LoKr", "hada_t1": "LoHa with CP/Tucker (conv) factors",
-               "dora_scale": "DoRA-style LoHa", "diff": "a full weight difference", "oft_blocks": "OFT"}
+               "lokr_w1": "LoKr", "lokr_w2": "LoKr", "oft_blocks": "OFT", "oft_diag": "OFT"}
 
 
 class LoHaFileError(LoHaError):
@@ -93,14 +103,15 @@ def _exchange_paths(a, b) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def atomic_write_bytes(dest, data: bytes):
-    """Write ``data`` to a temp file beside ``dest``, fsync, then rename over ``dest``."""
+@contextlib.contextmanager
+def atomic_file(dest):
+    """Yield an open binary file beside ``dest``; on success fsync it and rename it over ``dest``."""
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -109,6 +120,12 @@ def atomic_write_bytes(dest, data: bytes):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(dest, data: bytes):
+    """Write ``data`` to a temp file beside ``dest``, fsync, then rename over ``dest``."""
+    with atomic_file(dest) as f:
+        f.write(data)
 
 
 def _umask() -> int:
@@ -125,6 +142,47 @@ def _fsync_path(path):
         os.close(fd)
 
 
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _layout(tensors: dict, metadata: dict | None) -> tuple[bytes, list[str]]:
+    """The header (keys and metadata sorted, padded to 8 bytes) and the tensor order it describes."""
+    specs, offset = {}, 0
+    for name in sorted(tensors):
+        t = tensors[name]() if callable(tensors[name]) else tensors[name]
+        if t.dtype not in DTYPE_NAMES:
+            raise LoHaError(f"cannot write {name}: dtype {t.dtype} has no safetensors name")
+        size = t.numel() * t.element_size()
+        specs[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = {"__metadata__": dict(sorted(metadata.items())), **specs} if metadata else specs
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, list(specs)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, deterministically: header keys and metadata sorted, tensors in name
+    order (safetensors' own writer orders the metadata by a per-process hash, so two identical runs
+    would write different files)."""
+    header, order = _layout(tensors, metadata)
+    return b"".join([header, *(bytes(_tensor_bytes(tensors[n])) for n in order)])
+
+
+def write_safetensors(dest, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors_bytes`` streamed to ``dest`` atomically, one tensor at a time: ``tensors`` maps names to
+    tensors or to zero-argument callables that make one (each is called twice: for the header, then
+    for its bytes), so a whole checkpoint is never in memory at once."""
+    header, order = _layout(tensors, metadata)
+    with atomic_file(dest) as f:
+        f.write(header)
+        for name in order:
+            f.write(_tensor_bytes(tensors[name]() if callable(tensors[name]) else tensors[name]))
+    return Path(dest)
+
+
 def _cpu(t, dtype):
     t = t.detach().to(dtype=dtype or t.dtype)
     return t if t.is_meta else t.to("cpu").contiguous()
@@ -136,6 +194,11 @@ def _common(values: dict) -> tuple:
     return common, {k: v for k, v in values.items() if v != common}
 
 
+def _target_paths(model) -> dict[str, nn.Module]:
+    return {p: m for p, m in model.named_modules()
+            if p and not p.endswith(".base_layer") and (adapter_for(m) is not None or isinstance(m, LoHaLayer))}
+
+
 def _short_targets(model, paths) -> list[str]:
     """The shortest target list (e.g. ["to_q", "to_out.0"]) that matches exactly ``paths`` in ``model``."""
     def suffix(p):
@@ -143,14 +206,28 @@ def _short_targets(model, paths) -> list[str]:
         return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
     short = sorted({suffix(p) for p in paths})
-    matched = {p for p in _linear_paths(model) if _matches(p, set(short))}
+    matched = {p for p in _target_paths(model) if _matches(p, set(short))}
     return short if matched == set(paths) else sorted(paths)
+
+
+def _peft_incompatible(model) -> str | None:
+    kinds = [(p, m) for p, m in adapter_modules(model).items()
+             if not isinstance(m, LoHaLayer) or m.dora_scale is not None or m.diff_b is not None]
+    if kinds:
+        return (f"{kinds[0][0]} has DoRA or full differences, which PEFT's LoHa cannot hold; export it with "
+                "loha.export_kohya instead")
+    wide = {m.use_tucker for m in loha_layers(model).values()
+            if isinstance(m.base_layer, nn.Conv2d) and any(k != 1 for k in m.base_layer.kernel_size)}
+    if len(wide) > 1:
+        return "this model mixes Tucker and flattened conv factors, which one PEFT config cannot describe"
+    return None
 
 
 def peft_config(model, *, base_model=None) -> dict:
     """PEFT's LoHaConfig for the adapters in ``model`` (ranks/alphas that differ go to the patterns)."""
     model = unwrap(model)
-    layers = _require_adapters(model)
+    _require_adapters(model)
+    layers = loha_layers(model)
     r, rank_pattern = _common({p: m.rank for p, m in layers.items()})
     alpha, alpha_pattern = _common({p: m.alpha for p, m in layers.items()})
     first = next(iter(layers.values()))
@@ -160,8 +237,8 @@ def peft_config(model, *, base_model=None) -> dict:
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "rank_dropout": first.rank_dropout, "module_dropout": first.module_dropout,
         "target_modules": _short_targets(model, list(layers)), "exclude_modules": None,
-        "init_weights": True, "use_effective_conv2d": False, "layers_to_transform": None,
-        "layers_pattern": None, "modules_to_save": None,
+        "init_weights": True, "use_effective_conv2d": any(m.use_tucker for m in layers.values()),
+        "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
     }
 
 
@@ -169,87 +246,93 @@ def save(model: nn.Module, directory, *, base_model: str | None = None, dtype=No
     """Write the adapters of ``model`` as a PEFT LoHa folder (adapter_config.json +
     adapter_model.safetensors), atomically. ``PeftModel.from_pretrained(model, directory)`` loads it."""
     model = unwrap(model)
-    layers = _require_adapters(model)
+    _require_adapters(model)
+    problem = _peft_incompatible(model)
+    if problem:
+        raise LoHaError(problem)
     config = peft_config(model, base_model=base_model)
-    tensors = {f"{PEFT_PREFIX}{p}.{n}": _cpu(getattr(m, n), dtype) for p, m in layers.items() for n in FACTOR_NAMES}
-    metadata = {"format": "pt", "loha.config": json.dumps(config)}
+    tensors = {f"{PEFT_PREFIX}{p}.{n}": _cpu(f, dtype) for p, m in loha_layers(model).items()
+               for n, f in zip(m.factor_names, m.factors())}
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
-        (tmp / PEFT_WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+        metadata = {"format": "pt", "loha.config": json.dumps(config)}
+        (tmp / PEFT_WEIGHTS).write_bytes(safetensors_bytes(tensors, metadata))
     return directory
 
 
-def is_sdxl_unet(model) -> bool:
-    config = getattr(model, "config", None)
-    return (getattr(config, "addition_embed_type", None) == "text_time"
-            and getattr(config, "layers_per_block", None) == 2 and hasattr(model, "down_blocks"))
-
-
-def sgm_path(path: str) -> str:
-    """diffusers UNet path -> Stability's SGM path, for the attention blocks (the rest is unchanged)."""
-    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.", path):
-        return f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1." + path[m.end():]
-    if path.startswith("mid_block.attentions.0."):
-        return "middle_block.1." + path[len("mid_block.attentions.0."):]
-    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.", path):
-        return f"output_blocks.{3 * int(m[1]) + int(m[2])}.1." + path[m.end():]
-    return path
-
-
-def kohya_name(component: str, model, path: str) -> str:
-    """The kohya/LyCORIS module name, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q."""
-    if component == "unet" and is_sdxl_unet(model):
-        path = sgm_path(path)
-    elif component != "unet" and not path.startswith("text_model."):
-        path = "text_model." + path  # transformers 5's CLIPTextModel dropped the prefix the ecosystem uses
-    return EXPORT_PREFIX[component] + path.replace(".", "_")
-
-
 def kohya_state_dict(model: nn.Module, text_encoder: nn.Module | None = None,
-                     text_encoder_2: nn.Module | None = None, *, dtype=None) -> dict[str, torch.Tensor]:
-    """{kohya name + ".hada_w1_a" ...: tensor, kohya name + ".alpha": 0-dim tensor} for every adapter."""
+                     text_encoder_2: nn.Module | None = None, *, dtype=None, naming: str = "sgm"
+                     ) -> dict[str, torch.Tensor]:
+    """{name + ".hada_w1_a" ...: tensor, name + ".alpha": 0-dim tensor, ...} for every adapter: factors
+    (and hada_t1/t2), alpha, dora_scale, and diff/diff_b for full differences. ``naming`` "sgm" (kohya's
+    lora_unet_input_blocks_…, the default) or "diffusers" (LyCORIS's lycoris_down_blocks_…)."""
+    if naming not in ("sgm", "diffusers"):
+        raise LoHaError(f"naming must be 'sgm' or 'diffusers', got {naming!r}")
     tensors = {}
     for component, module in (("unet", model), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if module is None:
             continue
         module = unwrap(module)
         for path, layer in _require_adapters(module).items():
-            name = kohya_name(component, module, path)
-            for n in FACTOR_NAMES:
-                tensors[f"{name}.{n}"] = _cpu(getattr(layer, n), dtype)
-            tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+            name = names.kohya_name(component, module, path, naming)
+            if isinstance(layer, LoHaLayer):
+                for n, f in zip(layer.factor_names, layer.factors()):
+                    tensors[f"{name}.{n}"] = _cpu(f, dtype)
+                tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+            for extra in ("dora_scale", "diff", "diff_b"):
+                t = getattr(layer, extra, None)
+                if t is not None:
+                    tensors[f"{name}.{extra}"] = _cpu(t, dtype)
     return tensors
+
+
+def network_args(layers) -> dict:
+    """kohya's ss_network_args for these adapters: algo, conv_dim/conv_alpha, use_tucker, dora_wd."""
+    args = {"algo": "loha"}
+    wide = [m for m in layers if isinstance(m, LoHaLayer) and isinstance(m.base_layer, nn.Conv2d)
+            and any(k != 1 for k in m.base_layer.kernel_size)]
+    if wide:
+        args["conv_dim"] = str(_common({i: m.rank for i, m in enumerate(wide)})[0])
+        args["conv_alpha"] = f"{_common({i: m.alpha for i, m in enumerate(wide)})[0]:g}"
+        args["use_tucker"] = str(any(m.use_tucker for m in wide))
+    if any(isinstance(m, LoHaLayer) and m.dora_scale is not None for m in layers):
+        args["dora_wd"] = "True"
+    return args
 
 
 def export_kohya(model: nn.Module, file, text_encoder: nn.Module | None = None,
                  text_encoder_2: nn.Module | None = None, *, base_model: str | None = None,
-                 metadata: dict | None = None, dtype=None) -> Path:
+                 metadata: dict | None = None, dtype=None, naming: str = "sgm", preset: str | None = None) -> Path:
     """One safetensors file in the kohya/LyCORIS layout, which ComfyUI, AUTOMATIC1111 and kohya load.
 
-    An SDXL UNet gets SGM names (lora_unet_input_blocks_4_1_...); any other model plain lora_unet_<path>.
+    An SDXL UNet gets SGM names by default (lora_unet_input_blocks_4_1_…; ``naming="diffusers"`` gives
+    LyCORIS's lycoris_down_blocks_1_…); any other model plain lora_unet_<path>. ``preset`` (the LyCORIS
+    preset the adapters came from) goes into ``ss_network_args`` with conv_dim/conv_alpha/use_tucker.
     """
-    tensors = kohya_state_dict(model, text_encoder, text_encoder_2, dtype=dtype)
+    tensors = kohya_state_dict(model, text_encoder, text_encoder_2, dtype=dtype, naming=naming)
     layers = [m for module in (model, text_encoder, text_encoder_2) if module is not None
               for m in adapter_modules(module).values()]
-    rank, _ = _common({i: m.rank for i, m in enumerate(layers)})
-    alpha, _ = _common({i: m.alpha for i, m in enumerate(layers)})
+    lohas = [m for m in layers if isinstance(m, LoHaLayer)] or layers
+    rank = _common({i: getattr(m, "rank", 1) for i, m in enumerate(lohas)})[0]
+    alpha = _common({i: getattr(m, "alpha", 1.0) for i, m in enumerate(lohas)})[0]
     meta = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
-        "ss_network_args": json.dumps({"algo": "loha"}),
+        "ss_network_args": json.dumps({**network_args(layers), **({"preset": preset} if preset else {})},
+                                      sort_keys=True),
         "ss_sd_model_name": base_model or "",
         "loha.base_model": base_model or "",
     }
-    if is_sdxl_unet(unwrap(model)):
+    if names.is_sdxl_unet(unwrap(model)):
         meta.update({"ss_base_model_version": "sdxl_base_v1-0", "modelspec.sai_model_spec": "1.0.0",
                      "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                      "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(file, safetensors.torch.save(tensors, metadata=meta))
+    atomic_write_bytes(file, safetensors_bytes(tensors, meta))
     return file
 
 
@@ -260,8 +343,9 @@ def _refuse_pickle(path: Path):
                             "opened; this tool reads only .safetensors (convert the file in a sandbox you trust)")
 
 
-def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, after checking its header against its size."""
+def read_header(path, *, max_header=MAX_HEADER_BYTES, max_tensors=MAX_TENSORS) -> tuple[dict, dict, int]:
+    """(tensor entries, metadata, data start) of a safetensors file, checked against its size and the
+    bounds before anything is allocated: no tensor is read."""
     path = Path(path)
     _refuse_pickle(path)
     try:
@@ -275,16 +359,24 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             if len(head) < 8:
                 raise LoHaFileError(f"{path.name} is not a safetensors file: only {size} bytes long")
             n = int.from_bytes(head, "little")
-            if n > size - 8 or n > MAX_HEADER_BYTES:
+            if n > size - 8:
                 if looks_pickled:
                     raise pickled
                 raise LoHaFileError(f"{path.name} is truncated or not safetensors: its header claims {n} bytes "
                                     f"but the file has {size}")
+            if n > max_header:
+                raise LoHaFileError(f"{path.name}: its header claims {n} bytes, over the {max_header >> 20} MiB "
+                                    f"that any real adapter needs (about 1 MiB at most); refused as a size bomb")
             raw = f.read(n)
             if looks_pickled and not raw.lstrip()[:1] == b"{":
                 raise pickled
     except OSError as e:
         raise LoHaFileError(f"cannot read {path}: {e.strerror or e}") from None
+    count = raw.count(b'"data_offsets"')  # an upper bound on the entries, before any parsing
+    if count > max_tensors:
+        raise LoHaFileError(f"{path.name} holds {count:,} tensors, over the {max_tensors:,} that any real "
+                            "adapter has (the largest, ComfyUI's full trainer output, about 7,000); refused as "
+                            "a size bomb")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: crafted deep nesting
@@ -295,6 +387,13 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LoHaFileError(f"{path.name}: __metadata__ must map strings to strings")
     _check_layout(path.name, header, size - 8 - n)
+    return header, metadata, 8 + n
+
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file, after checking its header against its size and bounds."""
+    path = Path(path)
+    _, metadata, _ = read_header(path)
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as e:  # safetensors raises its own error type and others for damaged files
@@ -331,24 +430,44 @@ def _check_layout(name, header, data_len):
 
 @dataclass
 class ModuleWeights:
-    w1a: torch.Tensor
-    w1b: torch.Tensor
-    w2a: torch.Tensor
-    w2b: torch.Tensor
-    alpha: float
+    """One module's part of an adapter file: LoHa factors (flat: w1a, w1b, w2a, w2b; Tucker: + t1, t2) with
+    alpha and an optional DoRA ``dora_scale``, and/or full differences ``diff`` (weight) and ``diff_b`` (bias)."""
+    factors: tuple | None
+    alpha: float = 1.0
+    dora_scale: torch.Tensor | None = None
+    diff: torch.Tensor | None = None
+    diff_b: torch.Tensor | None = None
+    keys: dict = field(default_factory=dict)  # suffix -> the file's key, for messages
 
     @property
     def rank(self) -> int:
-        return self.w1b.shape[0]
+        return self.factors[1].shape[0]
 
-    def factors(self):
-        return self.w1a, self.w1b, self.w2a, self.w2b
+    @property
+    def tucker(self) -> bool:
+        return self.factors is not None and len(self.factors) == 6
+
+    @property
+    def weight_shape(self) -> tuple:
+        """(out, in·k) for flat factors, (out, in, kh, kw) for Tucker ones."""
+        f = self.factors
+        if self.tucker:
+            return (f[0].shape[1], f[1].shape[1], *f[4].shape[2:])
+        return (f[0].shape[0], f[1].shape[1])
+
+    @property
+    def w1a(self):
+        return self.factors[0]
+
+    @property
+    def w1b(self):
+        return self.factors[1]
 
 
 @dataclass
 class Adapter:
     """A parsed adapter file: per component ("unet", "text_encoder", "text_encoder_2"), module name ->
-    weights. ``style`` is "peft" (names are module paths) or "kohya" (names are kohya/LyCORIS names)."""
+    weights. ``style`` is "peft" (names are module paths) or "kohya" (kohya/LyCORIS/ComfyUI names)."""
     style: str
     components: dict
     metadata: dict
@@ -366,8 +485,8 @@ def _group(tensors: dict, source: str, strip) -> dict[str, dict[str, torch.Tenso
         if not key.isprintable():  # names end up in messages: no newlines or terminal escapes from a file
             raise LoHaFileError(f"{source}: tensor name {_short(key)} contains control characters")
         name, _, suffix = key.rpartition(".")
-        if suffix in FACTOR_NAMES or suffix == "alpha":
-            modules.setdefault(strip(name), {})[suffix] = t
+        if suffix in KEY_SUFFIXES and name:
+            modules.setdefault(strip(name), {})[suffix] = (key, t)
         else:
             unknown.append(key)
     if unknown:
@@ -380,18 +499,51 @@ def _group(tensors: dict, source: str, strip) -> dict[str, dict[str, torch.Tenso
     return modules
 
 
+def _abs_max(t) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
 def _module_weights(name, parts, alpha, source, allow_nonfinite) -> ModuleWeights:
-    missing = [n for n in FACTOR_NAMES if n not in parts]
+    keys = {s: k for s, (k, _) in parts.items()}
+    parts = {s: t for s, (_, t) in parts.items()}
+    has_factors = any(n in parts for n in TUCKER_NAMES)
+    extras = {k: parts.get(k) for k in ("dora_scale", "diff", "diff_b")}
+    for suffix, t in extras.items():
+        if t is not None and not t.dtype.is_floating_point:
+            raise LoHaFileError(f"{source}: module {name} has a non-float {suffix}")
+    if not has_factors:
+        if extras["diff"] is None and extras["diff_b"] is None:
+            raise LoHaFileError(f"{source}: module {name} has only {sorted(parts)}, no LoHa factors or differences "
+                                "(incomplete or damaged file)")
+        if extras["dora_scale"] is not None or "alpha" in parts:
+            what = "dora_scale" if extras["dora_scale"] is not None else "alpha"
+            raise LoHaFileError(f"{source}: module {name} has {what} but no LoHa factors (incomplete or damaged file)")
+        mw = ModuleWeights(None, diff=extras["diff"], diff_b=extras["diff_b"], keys=keys)
+        _check_finite(name, [t for t in (mw.diff, mw.diff_b) if t is not None], source, allow_nonfinite)
+        return mw
+    if extras["diff"] is not None:
+        raise LoHaFileError(f"{source}: module {name} has both LoHa factors and a full weight difference (diff); "
+                            "not a layout any tool writes")
+    wanted = TUCKER_NAMES if "hada_t1" in parts or "hada_t2" in parts else FACTOR_NAMES
+    missing = [n for n in wanted if n not in parts]
     if missing:
         raise LoHaFileError(f"{source}: module {name} is missing {', '.join(missing)} (incomplete or damaged file)")
-    w1a, w1b, w2a, w2b = (parts[n] for n in FACTOR_NAMES)
-    if not all(t.dtype.is_floating_point for t in (w1a, w1b, w2a, w2b)):
+    factors = tuple(parts[n] for n in wanted)
+    if not all(t.dtype.is_floating_point for t in factors):
         raise LoHaFileError(f"{source}: module {name} has non-float factors")
-    if not (w1a.ndim == w1b.ndim == w2a.ndim == w2b.ndim == 2 and w1a.shape == w2a.shape
-            and w1b.shape == w2b.shape and w1a.shape[1] == w1b.shape[0] and w1a.shape[1] > 0):
-        raise LoHaFileError(f"{source}: module {name} has factor shapes that disagree: hada_w1_a {list(w1a.shape)}, "
-                            f"hada_w1_b {list(w1b.shape)}, hada_w2_a {list(w2a.shape)}, hada_w2_b {list(w2b.shape)}")
-    out_f, rank, in_f = w1a.shape[0], w1a.shape[1], w1b.shape[1]
+    w1a, w1b, w2a, w2b = factors[:4]
+    shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(wanted, factors))
+    if len(factors) == 4:
+        ok = (w1a.ndim == w1b.ndim == w2a.ndim == w2b.ndim == 2 and w1a.shape == w2a.shape
+              and w1b.shape == w2b.shape and w1a.shape[1] == w1b.shape[0] and w1a.shape[1] > 0)
+        out_f, rank, in_f = (w1a.shape[0], w1a.shape[1], w1b.shape[1]) if ok else (0, 0, 0)
+    else:
+        t1, t2 = factors[4:]
+        ok = (w1a.ndim == w1b.ndim == 2 and w1a.shape == w2a.shape and w1b.shape == w2b.shape and t1.ndim == 4
+              and t1.shape == t2.shape and w1a.shape[0] == w1b.shape[0] == t1.shape[0] == t1.shape[1] > 0)
+        out_f, rank, in_f = (w1a.shape[1], w1a.shape[0], w1b.shape[1]) if ok else (0, 0, 0)
+    if not ok:
+        raise LoHaFileError(f"{source}: module {name} has factor shapes that disagree: {shapes}")
     if rank > max(out_f, in_f):
         raise LoHaFileError(f"{source}: module {name} claims rank {rank} for a {in_f}->{out_f} layer; implausible")
     if "alpha" in parts:
@@ -403,10 +555,36 @@ def _module_weights(name, parts, alpha, source, allow_nonfinite) -> ModuleWeight
         raise LoHaFileError(f"{source}: module {name} has no alpha; the file is incomplete")
     if not math.isfinite(alpha) or alpha <= 0:
         raise LoHaFileError(f"{source}: module {name} has alpha {alpha}; alpha must be a finite number > 0")
-    if not allow_nonfinite and not all(torch.isfinite(t).all() for t in (w1a, w1b, w2a, w2b)):
-        raise LoHaFileError(f"{source}: module {name} has NaN/Inf factor values (a diverged run?); "
+    checked = [*factors, *(t for t in (extras["dora_scale"], extras["diff_b"]) if t is not None)]
+    _check_finite(name, checked, source, allow_nonfinite)
+    mw = ModuleWeights(factors, alpha, extras["dora_scale"], None, extras["diff_b"], keys)
+    if not allow_nonfinite:
+        _check_magnitude(name, mw, source)
+    return mw
+
+
+def _check_finite(name, tensors, source, allow_nonfinite):
+    if not allow_nonfinite and not all(torch.isfinite(t).all() for t in tensors):
+        raise LoHaFileError(f"{source}: module {name} has NaN/Inf values (a diverged run?); "
                             "pass allow_nonfinite=True only if you know why")
-    return ModuleWeights(w1a, w1b, w2a, w2b, alpha)
+
+
+def _check_magnitude(name, mw: ModuleWeights, source):
+    """Refuse a scale that makes ΔW absurd: a cheap bound from the factors' largest entries first, the exact
+    max|scale·ΔW| only when the bound is over ``MAX_DELTA``."""
+    scale = mw.alpha / mw.rank
+    f = [t.double() for t in mw.factors]
+    terms = mw.rank ** 2 if mw.tucker else mw.rank  # summands of one entry of P1 (and of P2)
+    bound = scale * terms ** 2 * math.prod(_abs_max(t) for t in f)
+    if math.isfinite(bound) and bound <= MAX_DELTA:
+        return
+    from .math import delta
+
+    peak = _abs_max(delta(f, scale))
+    if not math.isfinite(peak) or peak > MAX_DELTA:
+        raise LoHaFileError(f"{source}: module {name}: alpha {mw.alpha:g} at rank {mw.rank} makes |ΔW| reach "
+                            f"{peak:.3g} (base weights are below 10), which drowns the model or overflows; the "
+                            "file is broken or crafted")
 
 
 PATTERN_KEY = re.compile(r"[\w.\-]+")  # module-path-like: no regex syntax that can backtrack
@@ -483,6 +661,9 @@ def _read_peft(weights: Path, config: dict | None, allow_nonfinite, alpha) -> tu
         raise LoHaFileError(f"{weights.name}: keys {bad[:3]} do not start with {PEFT_PREFIX!r}; not a PEFT file")
     modules = {}
     for name, parts in _group(tensors, weights.name, lambda n: n[len(PEFT_PREFIX):]).items():
+        if any(s in parts for s in ("dora_scale", "diff", "diff_b", "alpha")):
+            extra = next(s for s in ("dora_scale", "diff", "diff_b", "alpha") if s in parts)
+            raise LoHaFileError(f"{weights.name}: module {name} has a {extra} key, which PEFT LoHa folders never hold")
         mw = _module_weights(name, parts, _peft_value(config, "alpha", name), weights.name, allow_nonfinite)
         declared = _peft_value(config, "r", name)
         if declared is not None and declared != mw.rank:
@@ -496,20 +677,20 @@ def _read_kohya(file: Path, allow_nonfinite) -> Adapter:
     tensors, metadata = read_safetensors(file)
     components, unknown = {}, []
     for name, parts in _group(tensors, file.name, lambda n: n).items():
-        prefix = next((p for p in KOHYA_PREFIXES if name.startswith(p)), None)
-        if prefix is None:
+        component = names.component_of(name)
+        if component is None:
             unknown.append(name)
             continue
-        components.setdefault(KOHYA_PREFIXES[prefix], {})[name] = _module_weights(
-            name, parts, None, file.name, allow_nonfinite)
+        components.setdefault(component, {})[name] = _module_weights(name, parts, None, file.name, allow_nonfinite)
     if unknown:
         if (any(n.startswith("lora_te_") for n in unknown)
                 or metadata.get("ss_base_model_version", "").startswith(("sd_v1", "sd_v2"))):
             raise LoHaFileError(f"{file.name} was made for Stable Diffusion 1.x/2.x (lora_te_ keys or "
                                 "ss_base_model_version): this LoHa was trained for a different base model; "
                                 "SDXL files use lora_te1_/lora_te2_")
+        known = [*names.UNET_PREFIXES, *names.TEXT_PREFIXES.values()]
         raise LoHaFileError(f"{file.name}: module names {unknown[:3]} have none of the known prefixes "
-                            f"{sorted(KOHYA_PREFIXES)}; not a kohya/LyCORIS LoHa file")
+                            f"{known}; not a kohya/LyCORIS/ComfyUI LoHa file")
     base = metadata.get("loha.base_model") or metadata.get("ss_sd_model_name") or None
     return Adapter("kohya", components, {"base_model": base, **metadata}, file.name)
 
@@ -518,7 +699,8 @@ def read_adapter(path, *, allow_nonfinite: bool = False, alpha: float | None = N
     """Parse and validate any supported adapter path without touching a model.
 
     Accepts a training output dir or checkpoint-N dir (with unet/ and optionally text_encoder/,
-    text_encoder_2/), a PEFT LoHa folder, a bare PEFT adapter_model.safetensors, or a kohya/LyCORIS file.
+    text_encoder_2/), a PEFT LoHa folder, a bare PEFT adapter_model.safetensors, or a kohya/LyCORIS/
+    ComfyUI file.
     """
     path = Path(path)
     try:
@@ -531,20 +713,23 @@ def read_adapter(path, *, allow_nonfinite: bool = False, alpha: float | None = N
             modules, meta = _read_peft_dir(path, allow_nonfinite)
             return Adapter("peft", {"unet": modules}, meta, str(path))
         subdirs = [c for c in COMPONENTS if (path / c).is_dir()]
-        if subdirs:
+        if subdirs and not (path / "model_index.json").is_file():
             components, meta = {}, {}
             for c in subdirs:
                 components[c], m = _read_peft_dir(path / c, allow_nonfinite)
                 meta = meta or m
             return Adapter("peft", components, meta, str(path))
+        if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+            raise LoHaFileError(f"{path} is a base model (a diffusers pipeline folder), not an adapter; pass it as "
+                                "--pretrained_model_name_or_path (loha.load(pipe, ...) takes the adapter: a "
+                                "training output folder, a PEFT LoHa folder or a .safetensors LoHa file)")
         found = sorted(p.name for p in path.iterdir())[:8]
         raise LoHaFileError(f"{path} holds no adapter: expected {PEFT_CONFIG} + {PEFT_WEIGHTS} or a unet/ "
                             f"subfolder, found {found or 'nothing'}")
     if not path.is_file():
         raise LoHaFileError(f"{path} is not a regular file")
-    _refuse_pickle(path)
-    tensors_peek = _peek_keys(path)
-    if tensors_peek and all(k.startswith(PEFT_PREFIX) for k in tensors_peek):
+    header, _, _ = read_header(path)
+    if header and all(k.startswith(PEFT_PREFIX) for k in header):
         sibling = path.parent / PEFT_CONFIG
         config = _read_peft_config(sibling) if sibling.is_file() else None
         modules, meta = _read_peft(path, config, allow_nonfinite, alpha)
@@ -561,47 +746,36 @@ def _read_peft_dir(path: Path, allow_nonfinite):
     return _read_peft(path / PEFT_WEIGHTS, _read_peft_config(path / PEFT_CONFIG), allow_nonfinite, None)
 
 
-def _peek_keys(path: Path) -> list[str]:
-    """Tensor names from a header (validated by read_safetensors later; errors surface there)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
-                return []
-            header = json.loads(f.read(n))
-        return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return []
-
-
 # --------------------------------------------------------------------------------------- applying
-def _linear_paths(model) -> dict[str, nn.Module]:
-    return {p: m for p, m in model.named_modules()
-            if p and not p.endswith(".base_layer") and isinstance(m, (nn.Linear, LoHaLinear))}
+def _module_paths(model) -> list[str]:
+    return [p for p, _ in model.named_modules() if p and not p.endswith(".base_layer")]
 
 
 def _resolve(adapter: Adapter, component: str, model) -> dict[str, ModuleWeights]:
-    """Map the file's module names for ``component`` to module paths in ``model``."""
+    """Map the file's module names for ``component`` to module paths in ``model``; two names for one module
+    (e.g. an SGM and a diffusers name) are refused, naming both."""
     modules = adapter.components[component]
     if adapter.style == "peft":
         if component == "unet":
             return dict(modules)
         present = dict(model.named_modules())
         return {_text_model_alias(name, present): mw for name, mw in modules.items()}
-    table = {}
-    for path, _ in model.named_modules():
-        if not path or path.endswith(".base_layer"):
-            continue
-        flat = path.replace(".", "_")
-        prefixes = ["lora_unet_", "lycoris_"] if component == "unet" else [EXPORT_PREFIX[component]]
-        for prefix in prefixes:
-            table[prefix + flat] = path
-        table[kohya_name(component, model, path)] = path
+    table = names.accepted_names(component, model, _module_paths(model))
     unknown = [n for n in modules if n not in table]
     if unknown:
-        raise LoHaFileError(f"{adapter.source}: {len(unknown)} modules in the file do not exist in this "
-                            f"{component}, e.g. {unknown[:2]}; this LoHa was trained for a different base model")
-    return {table[n]: mw for n, mw in modules.items()}
+        hint = ("an SD 1.5 / 2.x or other non-SDXL LoHa?" if component == "unet" and names.is_sdxl_unet(model)
+                else "this LoHa was trained for a different base model")
+        more = f" (and {unknown[1]!r})" if len(unknown) > 1 else ""
+        raise LoHaFileError(f"{adapter.source}: {len(unknown)} module names in the file do not exist in this "
+                            f"{component}: no module {unknown[0]!r}{more}; {hint}")
+    resolved, origin = {}, {}
+    for name, mw in modules.items():
+        path = table[name]
+        if path in resolved:
+            raise LoHaFileError(f"{adapter.source} names the module {path} twice, as {origin[path]!r} and {name!r}; "
+                                "which one is meant is ambiguous, so the file is refused")
+        resolved[path], origin[path] = mw, name
+    return resolved
 
 
 def _text_model_alias(name: str, present) -> str:
@@ -612,22 +786,42 @@ def _text_model_alias(name: str, present) -> str:
     return alias if alias in present else name
 
 
+def _base_of(module):
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
 def _check_fits(entries: dict[str, ModuleWeights], model, source: str, component: str):
-    linears = _linear_paths(model)
     all_modules = dict(model.named_modules())
     absent = [p for p in entries if p not in all_modules]
     if absent:
         raise LoHaFileError(f"{source}: {len(absent)} modules in the file do not exist in this {component}, e.g. "
                             f"{absent[:2]}; this LoHa was trained for a different base model")
-    not_linear = [f"{p} ({type(all_modules[p]).__name__})" for p in entries if p not in linears]
-    if not_linear:
-        raise LoHaFileError(f"{source} adapts modules that are not Linear layers, e.g. {not_linear[:2]}; "
-                            "only Linear (attention/projection) LoHa is supported")
     for path, mw in entries.items():
-        out_f, in_f = linears[path].weight.shape
-        if (mw.w1a.shape[0], mw.w1b.shape[1]) != (out_f, in_f):
-            raise LoHaFileError(f"this LoHa was trained for a different base model: {path} is {in_f}->{out_f} "
-                                f"here but {mw.w1b.shape[1]}->{mw.w1a.shape[0]} in {source}")
+        base = _base_of(all_modules[path])
+        if mw.factors is not None:
+            if adapter_for(base) is None:
+                raise LoHaFileError(f"{source} adapts {path} ({type(base).__name__}), which is not Linear or Conv2d; "
+                                    "LoHa factors fit only those")
+            w = base.weight
+            fits = (tuple(w.shape) == mw.weight_shape and isinstance(base, nn.Conv2d)) if mw.tucker else (
+                w.shape[0] == mw.weight_shape[0] and w[0].numel() == mw.weight_shape[1])
+            if not fits:
+                raise LoHaFileError(f"this LoHa was trained for a different base model: {path} has weight "
+                                    f"{list(w.shape)} here but {list(mw.weight_shape)} in {source}")
+            if mw.dora_scale is not None:
+                d = mw.dora_scale
+                if d.dim() != w.dim() or not (tuple(d.shape) == (w.shape[0], *[1] * (w.dim() - 1))
+                                              or tuple(d.shape) == (1, w.shape[1], *[1] * (w.dim() - 2))):
+                    raise LoHaFileError(f"{source}: {path} has dora_scale {list(d.shape)}, which fits neither its "
+                                        f"rows nor its columns of {list(w.shape)}")
+        for label, t, target in (("diff", mw.diff, "weight"), ("diff_b", mw.diff_b, "bias")):
+            if t is None:
+                continue
+            have = getattr(base, target, None)
+            if not isinstance(have, torch.Tensor) or tuple(have.shape) != tuple(t.shape):
+                shape = list(have.shape) if isinstance(have, torch.Tensor) else "none"
+                raise LoHaFileError(f"this LoHa was trained for a different base model: {path}.{target} is {shape} "
+                                    f"here but {label} is {list(t.shape)} in {source}")
     current = adapter_modules(model)
     if any(layer.merged for layer in current.values()):
         raise LoHaFileError(f"the adapters in this {component} are merged into its weights; call "
@@ -643,23 +837,45 @@ def _check_fits(entries: dict[str, ModuleWeights], model, source: str, component
                 + (f"{len(extra)} file modules are not adapted here, e.g. {extra[:2]}; " if extra else "")
                 + "call loha.eject(model) first to load a different adapter")
         for path, mw in entries.items():
-            if current[path].rank != mw.rank:
-                raise LoHaFileError(f"{source}: {path} has rank {mw.rank} in the file but {current[path].rank} here")
+            layer = current[path]
+            if not _same_structure(layer, mw):
+                raise LoHaFileError(f"{source}: {path} has a different adapter layout or rank in the file than here; "
+                                    "call loha.eject(model) first to load a different adapter")
+
+
+def _same_structure(layer, mw: ModuleWeights) -> bool:
+    if mw.factors is None:
+        return isinstance(layer, DiffLayer) and (layer.diff is None) == (mw.diff is None) and (
+            layer.diff_b is None) == (mw.diff_b is None)
+    return (isinstance(layer, LoHaLayer) and layer.rank == mw.rank and layer.use_tucker == mw.tucker
+            and (layer.dora_scale is None) == (mw.dora_scale is None) and (layer.diff_b is None) == (mw.diff_b is None))
 
 
 def _apply(entries: dict[str, ModuleWeights], model, options):
     if not adapter_modules(model):
-        ranks = {p: mw.rank for p, mw in entries.items()}
-        alphas = {p: mw.alpha for p, mw in entries.items()}
-        inject(model, rank=_common(ranks)[0], target_modules=list(entries),
-               ranks=ranks, alphas=alphas, **options)
+        lohas = {p: mw for p, mw in entries.items() if mw.factors is not None}
+        if lohas:
+            layouts = {p: {"use_tucker": mw.tucker, "dora": mw.dora_scale is not None,
+                           "bias_diff": mw.diff_b is not None} for p, mw in lohas.items()}
+            inject(model, rank=_common({p: mw.rank for p, mw in lohas.items()})[0], target_modules=list(lohas),
+                   ranks={p: mw.rank for p, mw in lohas.items()}, alphas={p: mw.alpha for p, mw in lohas.items()},
+                   layouts=layouts, **options)
+        modules = dict(model.named_modules())
+        for path, mw in entries.items():
+            if mw.factors is None:
+                _set_module(model, path, DiffLayer(modules[path], mw.diff, mw.diff_b))
     layers = adapter_modules(model)
     with torch.no_grad():
         for path, mw in entries.items():
             layer = layers[path]
-            for param, t in zip(layer.factors(), mw.factors()):
-                param.copy_(t)
-            layer.alpha = mw.alpha
+            if mw.factors is not None:
+                for param, t in zip(layer.factors(), mw.factors):
+                    param.copy_(t)
+                layer.alpha = mw.alpha
+            for name in ("dora_scale", "diff", "diff_b"):
+                t = getattr(mw, name)
+                if t is not None:
+                    getattr(layer, name).copy_(t)
     return list(entries)
 
 
@@ -671,7 +887,7 @@ def load(target, path, *, component: str | None = None, allow_nonfinite: bool = 
     to take, default "unet") or a pipeline with ``.unet`` (and ``.text_encoder``/``.text_encoder_2``),
     which gets every part the file holds. ``path`` may also be an ``Adapter`` already parsed by
     ``read_adapter``, so a caller that inspected the file does not read it twice. Returns the loaded module
-    paths (a dict per component for a pipeline). ``options`` go to LoHaLinear when injecting.
+    paths (a dict per component for a pipeline). ``options`` go to the layers when injecting.
     """
     adapter = path if isinstance(path, Adapter) else read_adapter(path, allow_nonfinite=allow_nonfinite, alpha=alpha)
     if isinstance(target, nn.Module):

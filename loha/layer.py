@@ -1,60 +1,52 @@
-"""LoHaLinear: the only place where the LoHa math lives.
+"""The adapter modules (LoHaLinear, LoHaConv2d, DiffLayer) and their autograd Functions, built on loha.math.
 
-ΔW = (W1a·W1b) ⊙ (W2a·W2b) · alpha/rank   (FedPara, arXiv 2108.06098)
+Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) with op = linear or conv2d:
 
-The forward and backward are hand-written ``torch.autograd.Function``s (one per layer; one per group of
-same-shape layers in "grouped" mode). Autograd never sees the Hadamard product. In the per-layer modes the
-backward saves nothing of size out×in: it recomputes the two rank-r products P1 = W1a·W1b and
-P2 = W2a·W2b from the four small factors. With G = scale·gᵀx:
+- ``"grouped"`` (default): the factors of all adapters of one shape live in a ``LoHaStack`` (four or six
+  stacked Parameters). W + scale·ΔW is built for a whole chunk of same-shape layers at once, in fp32
+  and cast once to the compute dtype, and each layer then runs the plain op. The backward saves only
+  each layer's input: it rebuilds W + ΔW chunk by chunk, in reverse order, collects every layer's
+  weight gradient G, and computes the factor gradients of a chunk in one batched pass. Autograd sees
+  one node per layer and one per stack, and the optimizer four (six) tensors per shape. This is the
+  fastest mode and the leanest: nothing of size out×in is kept between forward and backward, only
+  a chunk or two in flight (BENCHMARKS.md).
+- ``"merged"``: the same math per layer, in one hand-written Function per layer (also what runs under
+  ``torch.compile`` and for adapters that are not stacked).
+- ``"bypass"``: op(x, W) + op(x, scale·ΔW): ΔW keeps its own relative precision (worth it only when
+  activations stay in fp32).
 
-    ∂W1a = (G⊙P2)·W1bᵀ   ∂W1b = W1aᵀ·(G⊙P2)   ∂W2a = (G⊙P1)·W2bᵀ   ∂W2b = W2aᵀ·(G⊙P1)
+DoRA adapters (``dora_scale``) and bias differences (``diff_b``) are applied with plain autograd ops;
+``DiffLayer`` adds full weight/bias differences (ComfyUI's ``.diff`` / ``.diff_b``) to any module.
 
-Three forward strategies give the same math:
-- ``"merged"`` (default): one GEMM with W + scale·ΔW, built in fp32 and cast once to the compute dtype.
-  Fastest (the adapter costs no extra GEMM over the frozen layer), but with a 16-bit base the sum is
-  rounded to W's precision step: the effective ΔW is off by 0.69 / 0.16 / 0.018 (relative) at
-  |ΔW| ≈ 1e-5 / 1e-4 / 1e-3 in bf16, against 0.0017 for bypass. The layer's bf16 output then rounds the
-  change just as coarsely in both modes, so what the next layer sees differs by under 10% between them
-  (tests/test_layer.py::test_merged_forward_rounding_vs_bypass). Gradients to the factors are exact
-  either way: G does not depend on the forward strategy.
-- ``"bypass"``: base(x) + x·(scale·ΔW)ᵀ. One more GEMM per layer, keeps ΔW's own relative precision
-  (worth it only when activations stay in fp32).
-- ``"grouped"``: the merged math, but W + scale·ΔW is rebuilt for every layer of the same shape at once
-  (stacked factors, bmm, in cache-sized chunks on CPU) and each layer runs a plain ``F.linear``; the
-  factor gradients of the whole group are computed in one batched backward. Far fewer ops per layer,
-  which is what small, dispatch-bound layers cost (BENCHMARKS.md), at the price of keeping each layer's
-  W + ΔW (out×in, in the compute dtype) for backward, as a trainable Linear would. Under ``torch.compile`` it runs as
-  ``"merged"`` (the compiler fuses the per-layer ops anyway).
-
-Storage: each layer owns its four factors, unless ``loha.stack`` has moved the factors of all same-shape
-layers into a ``LoHaStack`` (four (L, ·, ·) Parameters); the layers then see views of their slice. The
-grouped rebuild takes a whole stack as it is, so autograd and the optimizer handle four tensors per
-shape instead of four per layer.
-
-This file imports nothing of the package.
+This file imports nothing of the package but loha.math.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
+import math as _pymath
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORWARD_MODES = ("merged", "bypass", "grouped")
+from . import math as lm
+
+FORWARD_MODES = ("grouped", "merged", "bypass")
 INIT_SCHEMES = ("lycoris", "peft")
+FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+TUCKER_NAMES = (*FACTOR_NAMES, "hada_t1", "hada_t2")
+
+# A grouped build works on chunks of same-shape layers of about this many weight elements. On CPU
+# 2^16 (256 KiB fp32), so the working set stays in L2 (BENCHMARKS.md §2); on GPU 2^24, so a chunk of
+# 1280×1280 SDXL layers is 10 layers (about 20 launched ops per chunk, fewer than 2 per layer) while
+# the transient memory of the one or two chunks in flight stays near 200 MiB.
+CPU_CHUNK_ELEMENTS = 1 << 16
+GPU_CHUNK_ELEMENTS = 1 << 24
+CACHED_CHUNKS = 2  # chunks of built weights kept in flight per stack, forward and backward alike
 
 
 class LoHaError(ValueError):
     """Every problem a user can cause (bad arguments, bad files, bad models) raises this type."""
-
-
-def _products(w1a, w1b, w2a, w2b, row_scale):
-    """P1 and P2 in the factors' dtype; rank/module dropout scales P1's rows via W1a (out×r, cheap)."""
-    a1 = w1a if row_scale is None else w1a * row_scale[:, None]
-    return a1, torch.mm(a1, w1b), torch.mm(w2a, w2b)
 
 
 def _cast(t, dtype):
@@ -62,280 +54,270 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _scaled(t, scale):
-    """t·scale in place; alpha = rank (the default) makes scale 1, and then it is no op at all."""
-    return t if scale == 1.0 else t.mul_(scale)
+def _scaled(t, coef):
+    """t·coef in place; no op at all for the common coef 1 (alpha = rank)."""
+    return t.mul_(coef) if isinstance(coef, torch.Tensor) or coef != 1.0 else t
 
 
-def _effective_weight(weight, p1, p2, scale, dtype):
-    """W + scale·P1⊙P2, summed in the wider of W's and the factors' dtypes, cast once to ``dtype``."""
-    wide = p1.dtype if weight.dtype == p1.dtype else torch.promote_types(weight.dtype, p1.dtype)
-    return _cast(torch.addcmul(_cast(weight, wide), p1, p2, value=scale), dtype)
+# ------------------------------------------------------------------------------------ the two ops
+class _LinearOp:
+    """y = x·Wᵀ + b, and its backward."""
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def backward(self, g, x, weight, need_x, need_w, need_b):
+        grad_x = torch.matmul(g, weight) if need_x else None
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1])) if need_w else None
+        return grad_x, grad_w, g2.sum(0) if need_b else None
 
 
-FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+class _Conv2dOp:
+    """y = conv2d(x, W, b) with the base layer's stride, padding and dilation (groups = 1)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def backward(self, g, x, weight, need_x, need_w, need_b):
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if need_b else None, self.stride, self.padding, self.dilation,
+            False, [0, 0], 1, [need_x, need_w, need_b])
+        return grad_x, None if grad_w is None else grad_w.flatten(1), grad_b
 
 
-def _is_stacked(factors):
-    """True for a LoHaStack's four (L, ·, ·) Parameters, False for 4L per-layer (2-D) factors."""
-    return len(factors) == 4 and factors[0].dim() == 3
-
-
-def _stack_factors(factors):
-    """4L per-layer factors (w1a, w1b, w2a, w2b, w1a, ...) → four stacked (L, ·, ·) tensors; four
-    already stacked ones (a LoHaStack's Parameters) are returned as they are."""
-    if _is_stacked(factors):
-        return list(factors)
-    return [torch.stack(factors[i::4]) for i in range(4)]
-
-
-# The group is processed in chunks of about this many elements per (chunk, out, in) tensor. On CPU
-# 256 KiB in fp32, so the few tensors of that size in flight stay in L2 cache (BENCHMARKS.md §2); on
-# GPU large chunks keep the launch count low while bounding the transient memory.
-CPU_CHUNK_ELEMENTS = 1 << 16
-GPU_CHUNK_ELEMENTS = 1 << 24  # 64 MiB in fp32: bounds the transient memory of an SDXL-sized group
-
-
-def _chunks(n, out_in, device):
-    size = max(1, (CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS) // out_in)
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-class _GroupedRebuildFunction(torch.autograd.Function):
-    """W + scale·(W1a·W1b)⊙(W2a·W2b) for L layers of one shape: L (out, in) tensors in ``dtype``.
-
-    ``weights`` are the L frozen W, ``scale`` a float or an (L, 1, 1) tensor,
-    ``row_scale`` None or (L, out). The sum is taken in the factors' dtype (or W's, if wider) and cast
-    once to ``dtype``. The backward gets every layer's gᵀx and returns the 4L factor gradients with
-    the same formulas as the per-layer Function. A layer whose output got no gradient (its result was
-    not used, e.g. CLIP's last layer under SDXL's penultimate-layer conditioning) gets None, not zeros,
-    exactly as in the per-layer mode, so AdamW leaves it alone (no weight decay on it).
-
-    ``factors`` may also be the four (L, ·, ·) Parameters of a LoHaStack whose layers are exactly this
-    group: then nothing is stacked or unbound, and autograd gets four gradients instead of 4L (a layer
-    with no gradient gets zeros in its slice: a stacked Parameter cannot be partly None).
-    """
+# ------------------------------------------------------------------------------ per-layer Function
+class _LoHaFunction(torch.autograd.Function):
+    """One adapted layer ("merged" or "bypass"); saves x and the factors, recomputes P1, P2 in backward."""
 
     @staticmethod
-    def forward(ctx, weights, scale, row_scale, dtype, build, *factors):
-        a1, b1, a2, b2 = _stack_factors(factors)
-        if row_scale is not None:
-            a1 = a1 * row_scale[:, :, None]
-        wide = a1.dtype if weights[0].dtype == a1.dtype else torch.promote_types(weights[0].dtype, a1.dtype)
-        count, out_f, in_f = len(weights), a1.shape[1], b1.shape[2]
-        result = torch.empty((count, out_f, in_f), dtype=dtype, device=a1.device)
-        per_layer = isinstance(scale, torch.Tensor)
-        value = 1.0 if per_layer else scale
-        for sl in _chunks(count, out_f * in_f, a1.device):
-            p1 = torch.bmm(a1[sl], b1[sl])
-            if per_layer:
-                p1.mul_(scale[sl])
-            p2 = torch.bmm(a2[sl], b2[sl])
-            w = weights[sl]
-            if dtype == wide == weights[0].dtype:
-                torch.stack(w, out=result[sl]).addcmul_(p1, p2, value=value)
-            else:
-                result[sl].copy_(torch.stack([_cast(x, wide) for x in w]).addcmul_(p1, p2, value=value))
-        if ctx is not None:
-            # Kept as attributes, not save_for_backward: a rebuild may run inside a non-reentrant
-            # checkpoint's recomputation but not in its first forward (or the other way round), and a
-            # differing count of saved tensors would fail the checkpoint's check. The factors are leaf
-            # parameters; their versions are checked by hand in backward, as autograd would.
-            ctx.factors, ctx.versions = factors, [f._version for f in factors]
-            ctx.row_scale, ctx.scale, ctx.build = row_scale, scale, build
-            ctx.set_materialize_grads(False)
-        return result.unbind(0)
-
-    @staticmethod
-    def backward(ctx, *layer_grads):
-        factors, row_scale = ctx.factors, ctx.row_scale
-        if [f._version for f in factors] != ctx.versions:
-            raise RuntimeError("a LoHa factor was modified in place between the forward and the backward "
-                               "(e.g. optimizer.step() before loss.backward()); run backward first")
-        scale_t = ctx.scale if isinstance(ctx.scale, torch.Tensor) else None
-        ctx.build.alive = False  # this build's graph is being consumed: its weights must not be reused
-        present = next((t for t in layer_grads if t is not None), None)
-        if present is None:
-            return (None,) * (5 + len(factors))
-        w1a, w1b, w2a, w2b = _stack_factors(factors)
-        a1 = w1a if row_scale is None else w1a * row_scale[:, :, None]
-        grads = [torch.empty_like(t) for t in (w1a, w1b, w2a, w2b)]
-        g1a, g1b, g2a, g2b = grads
-        for sl in _chunks(len(w1a), present.shape[0] * present.shape[1], present.device):
-            p1, p2 = torch.bmm(a1[sl], w1b[sl]), torch.bmm(w2a[sl], w2b[sl])
-            G = torch.stack([present.new_zeros(()).expand_as(present) if t is None else t
-                             for t in layer_grads[sl]])  # our own copy: in place is fine
-            G = _cast(G, p1.dtype)
-            if scale_t is not None or ctx.scale != 1.0:
-                G.mul_(scale_t[sl] if scale_t is not None else ctx.scale)
-            gp1 = G * p1
-            gp2 = G.mul_(p2)
-            torch.bmm(gp2, w1b[sl].transpose(1, 2), out=g1a[sl])
-            torch.bmm(a1[sl].transpose(1, 2), gp2, out=g1b[sl])
-            torch.bmm(gp1, w2b[sl].transpose(1, 2), out=g2a[sl])
-            torch.bmm(w2a[sl].transpose(1, 2), gp1, out=g2b[sl])
-        if row_scale is not None:
-            g1a.mul_(row_scale[:, :, None])
-        if _is_stacked(factors):
-            return (None, None, None, None, None, *grads)
-        per_layer = itertools.chain.from_iterable(
-            (None,) * 4 if t is None else factor_grads
-            for t, factor_grads in zip(layer_grads, zip(*(g.unbind(0) for g in grads))))
-        return (None, None, None, None, None, *per_layer)
-
-
-class _Build:
-    """One grouped rebuild; ``alive`` turns False once autograd has run its backward (its graph is gone)."""
-
-    __slots__ = ("alive",)
-
-    def __init__(self):
-        self.alive = True
-
-
-class _LayerGroup:
-    """The LoHaLinear layers of one model (``loha.inject`` links them). A ``"grouped"`` layer that has no
-    valid prebuilt W + ΔW asks the group to rebuild it for every member with the same key at once.
-
-    A prebuilt weight is used at most once, and only if nothing it was built from has changed since:
-    the factors' and W's in-place version counters, the scale, grad mode, train/eval, compute dtype,
-    and, in grad mode, that its graph has not been through backward yet. Anything else rebuilds."""
-
-    def __init__(self, layers=()):
-        self.layers = list(layers)
-
-    def build(self, requester, dtype):
-        key = requester._group_key()
-        members = [m for m in self.layers if m is requester or m._group_key() == key]
-        if requester not in members:  # a layer that is not (or no longer) in this group: a group of its own
-            members = [requester]
-        w, f = requester._base_weight(), requester._storage()[0]
-        scales = [m.scale for m in members]
-        if len(set(scales)) == 1:
-            scale = scales[0]
-        else:
-            scale = torch.tensor(scales, device=f.device, dtype=f.dtype)[:, None, None]
-        rows = [m._row_scale() for m in members]  # in the factors' dtype, as the per-layer path uses them
-        row_scale = None
-        if any(r is not None for r in rows):
-            row_scale = torch.stack([torch.ones(w.shape[0], device=f.device, dtype=f.dtype) if r is None else r
-                                     for r in rows])
-        stack = requester.__dict__.get("_stack")
-        if stack is not None and len(stack[0].layers) == len(members) and all(
-                a is b for a, b in zip(stack[0].layers, members)):
-            factors = stack[0].factors()  # four (L, ·, ·) Parameters: no stacking, four gradients
-        else:
-            factors = [f for m in members for f in m.factors()]
-        weights = [m._base_weight() for m in members]
-        build = _Build()
-        if torch.is_grad_enabled():
-            built = _GroupedRebuildFunction.apply(weights, scale, row_scale, dtype, build, *factors)
-        else:
-            built = _GroupedRebuildFunction.forward(None, weights, scale, row_scale, dtype, build, *factors)
-        for m, weight in zip(members, built):
-            m.__dict__["_prebuilt"] = (weight, build, m._stamp(dtype))
-
-
-class _LoHaLinearFunction(torch.autograd.Function):
-    # Written for few kernel launches per layer: on GPU and CPU alike, an adapted SDXL attention linear
-    # is small enough that launches and dispatch, not FLOPs, set the step time (BENCHMARKS.md).
-    @staticmethod
-    def forward(ctx, x, weight, bias, w1a, w1b, w2a, w2b, scale, row_scale, merged):
-        _, p1, p2 = _products(w1a, w1b, w2a, w2b, row_scale)
+    def forward(ctx, x, weight, bias, coef, merged, op, *factors):
+        p1, p2 = lm.products(factors)
+        shape = weight.shape
         if merged:
-            y = F.linear(x, _effective_weight(weight, p1, p2, scale, x.dtype), _cast(bias, x.dtype))
+            y = op.forward(x, lm.add_delta(weight.flatten(1), p1, p2, coef, x.dtype).view(shape), _cast(bias, x.dtype))
         else:
-            y = F.linear(x, _cast(weight, x.dtype), _cast(bias, x.dtype))
-            y += F.linear(x, _cast(_scaled(p1.mul_(p2), scale), x.dtype))
+            y = op.forward(x, _cast(weight, x.dtype), _cast(bias, x.dtype))
+            y = y + op.forward(x, _cast(_scaled(p1.mul_(p2), coef), x.dtype).view(shape), None)
         if ctx is not None:  # None: called directly for inference, nothing to save
-            ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b, row_scale)
-            ctx.scale, ctx.merged, ctx.has_bias = scale, merged, bias is not None
+            tensor_coef = coef if isinstance(coef, torch.Tensor) else None
+            ctx.save_for_backward(x, weight, tensor_coef, *factors)
+            ctx.coef, ctx.merged, ctx.op, ctx.has_bias = coef, merged, op, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
+        x, weight, tensor_coef, *factors = ctx.saved_tensors
+        coef = ctx.coef if tensor_coef is None else tensor_coef
         need = ctx.needs_input_grad
-        scale = ctx.scale
-        a1, p1, p2 = _products(w1a, w1b, w2a, w2b, row_scale)
-        grad_x = grad_w = grad_b = g1a = g1b = g2a = g2b = None
-        if need[0]:
-            if ctx.merged:
-                grad_x = g @ _effective_weight(weight, p1, p2, scale, g.dtype)
-            else:
-                grad_x = g @ _cast(weight, g.dtype)
-                grad_x += g @ _cast(_scaled(p1 * p2, scale), g.dtype)
-        g2 = g.reshape(-1, g.shape[-1])
-        if need[2] and ctx.has_bias:
-            grad_b = _cast(g2.sum(0), weight.dtype)
-        need_factors = need[3] or need[4] or need[5] or need[6]
-        if need[1] or need_factors:
-            gx = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))  # out×in, the only activation-sized product
-            if need[1]:
-                grad_w = _cast(gx, weight.dtype)
-            if need_factors:
-                # scale·gᵀx in the factors' dtype; in place, unless gx is also the returned grad_w
-                G = gx.to(p1.dtype) * scale if need[1] else _scaled(_cast(gx, p1.dtype), scale)
-                gp2 = G * p2
-                del p2
-                g1a = F.linear(gp2, w1b)  # gp2·W1bᵀ without a transpose op
-                g1b = torch.mm(a1.t(), gp2)
-                del gp2
-                gp1 = G.mul_(p1)
-                g2a = F.linear(gp1, w2b)
-                g2b = torch.mm(w2a.t(), gp1)
-                if row_scale is not None:
-                    g1a = g1a * row_scale[:, None]
-        return grad_x, grad_w, grad_b, g1a, g1b, g2a, g2b, None, None, None
+        need_factors = any(need[6:])
+        p1, p2 = lm.products(factors)
+        shape, op = weight.shape, ctx.op
+        need_b = need[2] and ctx.has_bias
+        if ctx.merged:
+            w_eff = lm.add_delta(weight.flatten(1), p1, p2, coef, g.dtype).view(shape)
+            grad_x, gw, grad_b = op.backward(g, x, w_eff, need[0], need[1] or need_factors, need_b)
+        else:
+            grad_x, gw, grad_b = op.backward(g, x, _cast(weight, g.dtype), need[0], need[1] or need_factors, need_b)
+            if need[0]:
+                delta = _cast(_scaled(p1 * p2, coef), g.dtype).view(shape)
+                grad_x = grad_x + op.backward(g, x, delta, True, False, False)[0]
+        grad_w = _cast(gw.view(shape), weight.dtype) if need[1] else None
+        grads = (None,) * len(factors)
+        if need_factors:  # factor_grads works on G in place: a copy when G is also W's gradient
+            g_factors = gw.to(p1.dtype, copy=True) if need[1] else _cast(gw, p1.dtype)
+            grads = lm.factor_grads(g_factors, factors, p1, p2, coef)
+        return (grad_x, grad_w, _cast(grad_b, weight.dtype) if grad_b is not None else None, None, None, None,
+                *grads)
 
 
-class LoHaLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a LoHa adapter. The base module is kept intact as ``base_layer``.
+# ----------------------------------------------------------------------------- the grouped mode
+class _Build:
+    """One grouped forward through a LoHaStack's layers, and its backward.
 
-    ``rank_dropout`` (PEFT and LyCORIS semantics): in training, each output row of ΔW is dropped with
-    this probability and the kept rows are rescaled by 1/mean(kept). ``module_dropout``: in training, the
-    whole adapter is skipped for a step with this probability. Both are off in eval. There is no neuron
-    (input) dropout for LoHa in PEFT, LyCORIS or kohya, and none here.
+    A layer joins the current build if its slot is unused there and nothing the build depends on has
+    changed (grad mode, dtype, scale, train/eval, the factors' and W's in-place versions); otherwise
+    it starts a new one. Forward: built weights by chunk, freed once used. Backward (grad builds only):
+    each layer's rebuilt weight for its input gradient, its G deposited, a chunk's factor gradients
+    computed when its last layer has deposited, and everything left over in ``finish``."""
 
-    Init: ``"lycoris"`` (default) W1a~N(0,0.1), W1b~N(0,1), W2a=0, W2b~N(0,1), as LyCORIS and kohya do, so
-    the learning rates people already use for LoHa carry over; ``"peft"``: kaiming-uniform W1a, W1b,
-    W2a and W2b=0, as PEFT does. Either way ΔW is exactly zero at step 0 and the first step moves it.
-    """
+    def __init__(self, stack, dtype):
+        layers = stack.layers
+        self.stack, self.layers, self.dtype = stack, layers, dtype
+        self.params = stack.factors()
+        self.grad = torch.is_grad_enabled()
+        self.versions = [p._version for p in self.params]
+        self.weights = [m._base_weight() for m in layers]
+        self.weight_versions = [w._version for w in self.weights]
+        self.pointers = [w.untyped_storage()._cdata for w in self.weights]  # a swapped .data too
+        self.scales = [m.scale for m in layers]
+        self.training = [m.training for m in layers]
+        self.used = [False] * len(layers)
+        p = self.params[0]
+        size = max(1, (CPU_CHUNK_ELEMENTS if p.device.type == "cpu" else GPU_CHUNK_ELEMENTS)
+                   // self.weights[0].numel())
+        self.chunk = size
+        self.chunks = [slice(i, min(i + size, len(layers))) for i in range(0, len(layers), size)]
+        self.coef = self._coefficients()
+        self.forward_cache, self.backward_cache = {}, {}
+        self.forward_left = [s.stop - s.start for s in self.chunks]
+        self.expected = [0] * len(self.chunks)  # layers of each chunk that ran forward in grad mode
+        self.deposits = [dict() for _ in self.chunks]
+        self.pieces = [None] * len(self.chunks)  # each chunk's factor gradients, once computed
+        self.backward_started = False
+        self.token = _GroupFunction.apply(self, *self.params) if self.grad else None
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float | None = None, *, rank_dropout=0.0,
-                 module_dropout=0.0, init="lycoris", forward_mode="merged", dtype=torch.float32):
+    def _coefficients(self):
+        """scale per layer, times the rank/module dropout mask of the layers in training: one float when
+        every layer has the same scale and none drops out, else (L, out, 1) in the factors' dtype."""
+        layers, p = self.layers, self.params[0]
+        dropping = [m.training and (m.rank_dropout > 0 or m.module_dropout > 0) for m in layers]
+        if len(set(self.scales)) == 1 and not any(dropping):
+            return self.scales[0]
+        out = self.weights[0].shape[0]
+        coef = torch.tensor(self.scales, device=p.device, dtype=p.dtype)[:, None, None].expand(-1, out, 1)
+        if any(dropping):
+            coef = coef * torch.stack([m._row_scale() if d else torch.ones(out, device=p.device, dtype=p.dtype)
+                                       for m, d in zip(layers, dropping)])[:, :, None]
+        return coef.contiguous()
+
+    def accepts(self, layer, slot, dtype) -> bool:
+        return (not self.used[slot] and not self.backward_started and self.dtype == dtype
+                and self.grad == torch.is_grad_enabled() and self.scales[slot] == layer.scale
+                and self.training[slot] == layer.training and self.weights[slot] is layer._base_weight()
+                and self.weight_versions[slot] == self.weights[slot]._version
+                and self.pointers[slot] == self.weights[slot].untyped_storage()._cdata
+                and self.versions == [p._version for p in self.params])
+
+    def _build(self, c):
+        """(W + ΔW in the compute dtype, P1, P2) for chunk ``c``: flat, (n, out, in·k)."""
+        sl = self.chunks[c]
+        weights = torch.stack([w.flatten(1) for w in self.weights[sl]])
+        p1, p2 = lm.products([f[sl] for f in self.params])
+        coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
+        return lm.add_delta(weights, p1, p2, coef, self.dtype), p1, p2
+
+    @staticmethod
+    def _cached(cache, c, make):
+        if c not in cache:
+            if len(cache) >= CACHED_CHUNKS:
+                del cache[next(iter(cache))]
+            cache[c] = make(c)
+        return cache[c]
+
+    def forward_weight(self, slot):
+        self.used[slot] = True
+        c = slot // self.chunk
+        built = self._cached(self.forward_cache, c, lambda c: self._build(c)[0])
+        self.forward_left[c] -= 1
+        if self.grad:
+            self.expected[c] += 1
+        if self.forward_left[c] == 0:
+            self.forward_cache.pop(c, None)
+        return built[slot - self.chunks[c].start].view(self.weights[slot].shape)
+
+    def backward_weight(self, slot):
+        if not self.backward_started:
+            self.backward_started = True
+            self.forward_cache.clear()
+        if self.versions != [p._version for p in self.params] or \
+                self.weight_versions[slot] != self.weights[slot]._version:
+            raise RuntimeError("a LoHa factor or base weight was modified in place between the forward and the "
+                               "backward (e.g. optimizer.step() before loss.backward()); run backward first")
+        c = slot // self.chunk
+        built = self._cached(self.backward_cache, c, self._build)[0]
+        return built[slot - self.chunks[c].start].view(self.weights[slot].shape)
+
+    def deposit(self, slot, g):
+        c = slot // self.chunk
+        self.deposits[c][slot] = g
+        if len(self.deposits[c]) == self.expected[c]:
+            self._chunk_grads(c)
+
+    def _chunk_grads(self, c):
+        sl, deposits = self.chunks[c], self.deposits[c]
+        if not deposits:
+            return
+        _, p1, p2 = self.backward_cache.pop(c, None) or self._build(c)
+        present = next(iter(deposits.values()))
+        zero = None if len(deposits) == sl.stop - sl.start else present.new_zeros(()).expand_as(present)
+        g = torch.stack([deposits.get(i, zero) for i in range(sl.start, sl.stop)])
+        g = g if g.dtype == p1.dtype else g.to(p1.dtype)
+        coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
+        grads = lm.factor_grads(g, [f[sl] for f in self.params], p1, p2, coef)
+        old = self.pieces[c]
+        self.pieces[c] = grads if old is None else [a + b for a, b in zip(old, grads)]
+        self.deposits[c] = {}
+        self.expected[c] = 0
+
+    def finish(self):
+        """The stack's factor gradients: every chunk with deposits computed, the others zero."""
+        self.backward_started = True
+        for c in range(len(self.chunks)):
+            self._chunk_grads(c)
+        self.forward_cache.clear()
+        self.backward_cache.clear()
+        if all(p is None for p in self.pieces):
+            return (None,) * len(self.params)
+        pieces = [p if p is not None else [torch.zeros_like(f[s]) for f in self.params]
+                  for p, s in zip(self.pieces, self.chunks)]
+        self.pieces = [None] * len(self.chunks)
+        if len(pieces) == 1:
+            return tuple(pieces[0])
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
+
+
+class _GroupFunction(torch.autograd.Function):
+    """Links a build to autograd: its output (an empty token) is an input of every layer's Function, so
+    its backward runs once all of them have, and returns the stack's gradients."""
+
+    @staticmethod
+    def forward(ctx, build, *params):
+        ctx.build = build
+        ctx.set_materialize_grads(False)
+        return params[0].new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        return (None, *ctx.build.finish())
+
+
+class _GroupedLayerFunction(torch.autograd.Function):
+    """One layer of a grouped build: op(x, built W + ΔW); saves x only."""
+
+    @staticmethod
+    def forward(ctx, x, token, bias, build, slot, op):
+        weight = build.forward_weight(slot)
+        ctx.save_for_backward(x)
+        ctx.build, ctx.slot, ctx.op, ctx.has_bias = build, slot, op, bias is not None
+        return op.forward(x, weight, _cast(bias, x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        build, need = ctx.build, ctx.needs_input_grad
+        weight = build.backward_weight(ctx.slot)
+        grad_x, gw, grad_b = ctx.op.backward(g, x, weight, need[0], need[1], need[2] and ctx.has_bias)
+        if need[1]:
+            build.deposit(ctx.slot, gw)
+        return grad_x, None, grad_b, None, None, None
+
+
+# ------------------------------------------------------------------------------------ the modules
+class AdapterLayer(nn.Module):
+    """What every adapter shares: the untouched base module as ``base_layer``, a user ``multiplier``
+    (``loha.set_scale``), and merge/unmerge that fold the change into the base weights in fp32."""
+
+    def __init__(self, base_layer):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise LoHaError(f"LoHaLinear wraps nn.Linear, got {type(base_layer).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise LoHaError(f"rank must be an integer >= 1, got {rank!r}")
-        alpha = float(rank if alpha is None else alpha)
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise LoHaError(f"alpha must be a finite number > 0, got {alpha!r} (None means alpha = rank)")
-        for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise LoHaError(f"{name} must be in [0, 1), got {p!r}")
-        if init not in INIT_SCHEMES:
-            raise LoHaError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
         self.base_layer = base_layer.requires_grad_(False)
-        out_f, in_f = base_layer.weight.shape
-        kw = dict(device=base_layer.weight.device, dtype=dtype)
-        self.hada_w1_a = nn.Parameter(torch.empty(out_f, rank, **kw))
-        self.hada_w1_b = nn.Parameter(torch.empty(rank, in_f, **kw))
-        self.hada_w2_a = nn.Parameter(torch.empty(out_f, rank, **kw))
-        self.hada_w2_b = nn.Parameter(torch.empty(rank, in_f, **kw))
-        self.rank, self.alpha = rank, alpha
-        self.rank_dropout, self.module_dropout = float(rank_dropout), float(module_dropout)
-        self.forward_mode = forward_mode
         self.multiplier = 1.0
         self.merged = False
-        self._original_weight = None
-        self._stack = None  # (LoHaStack, index) once loha.stack has moved the factors into one
-        self._group = _LayerGroup([self])  # loha.inject links all layers of a model into one group
-        self._prebuilt = None  # "grouped" mode: (W + ΔW for this layer, its _Build, the _stamp it was built for)
-        self.reset_parameters(init)
+        self._originals = None
 
-    # -- what callers of the wrapped Linear may read -------------------------------------------
     @property
     def weight(self):
         return self.base_layer.weight
@@ -344,13 +326,121 @@ class LoHaLinear(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
-    @property
-    def in_features(self):
-        return self.base_layer.in_features
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what callers read of the wrapped module (in_features, kernel_size, ...)
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(base, name)
+
+    def _base_weight(self):
+        return self._modules["base_layer"]._parameters["weight"]
+
+    def effective_parameters(self) -> dict[str, torch.Tensor]:
+        """{"weight": W', "bias": b'} in fp32 (only the ones this adapter changes)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True):
+        """Fold the adapter into the base weights (computed in fp32, cast once). Refuses non-finite results."""
+        if self.merged:
+            return
+        new = self.effective_parameters()
+        bad = [k for k, v in new.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise LoHaError(f"merging would put NaN/Inf into the base {bad[0]}; the adapter factors or the scale "
+                            "are broken, so the model was left unmerged")
+        params = self.base_layer._parameters
+        self._originals = {k: params[k].detach().to("cpu", copy=True) for k in new} if keep_original else None
+        for k, v in new.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore the base weights: bit-exact from the kept copy, else by subtracting the change in fp32."""
+        if not self.merged:
+            return
+        params = self.base_layer._parameters
+        if self._originals is not None:
+            for k, v in self._originals.items():
+                params[k].copy_(v.to(params[k].device))
+        else:
+            for k, v in self.subtracted().items():
+                params[k].copy_(v.to(params[k].dtype))
+        self._originals = None
+        self.merged = False
+
+    def subtracted(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class LoHaLayer(AdapterLayer):
+    """A frozen Linear or Conv2d plus a LoHa adapter (LoHaLinear / LoHaConv2d).
+
+    Factors (LyCORIS/PEFT names and shapes): ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in·kh·kw) and the
+    same for w2; with ``use_tucker`` (convs with a kernel larger than 1×1) ``hada_w1_a`` (r, out),
+    ``hada_w1_b`` (r, in) and ``hada_t1`` (r, r, kh, kw), likewise for 2. ΔW = (P1 ⊙ P2)·alpha/rank.
+
+    ``rank_dropout`` (PEFT and LyCORIS semantics): in training, each output row of ΔW is dropped with this
+    probability and the kept rows are rescaled by 1/mean(kept). ``module_dropout``: in training, the whole
+    adapter is skipped for a step with this probability. Both are off in eval. Init ``"lycoris"`` (default)
+    W1a~N(0,0.1), W1b~N(0,1), W2a=0, W2b~N(0,1), T~N(0,0.1); ``"peft"``: kaiming-uniform with W2b = 0. Either
+    way ΔW is exactly zero at step 0 and the first step moves it.
+    """
+
+    base_type: type = nn.Module
+
+    def __init__(self, base_layer, rank: int, alpha: float | None = None, *, rank_dropout=0.0, module_dropout=0.0,
+                 init="lycoris", forward_mode="grouped", dtype=torch.float32, use_tucker=False, dora=False,
+                 bias_diff=False):
+        if not isinstance(base_layer, self.base_type):
+            raise LoHaError(f"{type(self).__name__} wraps {self.base_type.__name__}, got {type(base_layer).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise LoHaError(f"rank must be an integer >= 1, got {rank!r}")
+        alpha = float(rank if alpha is None else alpha)
+        if not _pymath.isfinite(alpha) or alpha <= 0:
+            raise LoHaError(f"alpha must be a finite number > 0, got {alpha!r} (None means alpha = rank)")
+        for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise LoHaError(f"{name} must be in [0, 1), got {p!r}")
+        if init not in INIT_SCHEMES:
+            raise LoHaError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
+        super().__init__(base_layer)
+        shapes = self.factor_shapes(base_layer.weight.shape, rank, use_tucker)
+        kw = dict(device=base_layer.weight.device, dtype=dtype)
+        self.factor_names = TUCKER_NAMES if len(shapes) == 6 else FACTOR_NAMES
+        for name, shape in zip(self.factor_names, shapes):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw)))
+        self.rank, self.alpha = rank, alpha
+        self.rank_dropout, self.module_dropout = float(rank_dropout), float(module_dropout)
+        self.forward_mode = forward_mode
+        self.op = self.make_op(base_layer)
+        self._stack = None  # (LoHaStack, slot) once the factors live in a stack
+        magnitude = None
+        if dora:  # DoRA magnitude, per output row (LyCORIS's default wd_on_output); loading may replace it
+            w = base_layer.weight.detach().float().flatten(1)
+            magnitude = w.norm(dim=1).reshape(-1, *[1] * (base_layer.weight.dim() - 1))
+        self.register_buffer("dora_scale", magnitude)
+        if bias_diff and base_layer.bias is None:
+            raise LoHaError("bias_diff needs a base layer with a bias")
+        # a bias difference (ComfyUI's trainer writes one for every bias), filled in by loading
+        self.register_buffer("diff_b", torch.zeros_like(base_layer.bias, dtype=torch.float32) if bias_diff else None)
+        self.reset_parameters(init)
+
+    @staticmethod
+    def factor_shapes(weight_shape, rank, use_tucker):
+        out_f, in_f, *kernel = weight_shape
+        if use_tucker and any(k != 1 for k in kernel):
+            return [(rank, out_f), (rank, in_f)] * 2 + [(rank, rank, *kernel)] * 2
+        flat = in_f * _pymath.prod(kernel)
+        return [(out_f, rank), (rank, flat)] * 2
 
     @property
-    def out_features(self):
-        return self.base_layer.out_features
+    def use_tucker(self) -> bool:
+        return len(self.factor_names) == 6
 
     @property
     def scale(self) -> float:
@@ -367,53 +457,82 @@ class LoHaLinear(nn.Module):
             raise LoHaError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r}")
         self._forward_mode = mode
 
+    @torch.no_grad()
     def reset_parameters(self, init: str = "lycoris"):
-        if self.hada_w1_a.is_meta:
+        factors = self.factors()
+        if factors[0].is_meta:
             return
-        with torch.no_grad():
-            if init == "lycoris":
-                nn.init.normal_(self.hada_w1_a, std=0.1)
-                nn.init.normal_(self.hada_w1_b, std=1.0)
-                nn.init.zeros_(self.hada_w2_a)
-                nn.init.normal_(self.hada_w2_b, std=1.0)
-            else:
-                for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a):
-                    nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-                nn.init.zeros_(self.hada_w2_b)
+        w1a, w1b, w2a, w2b, *ts = factors
+        if init == "lycoris":
+            nn.init.normal_(w1a, std=0.1)
+            nn.init.normal_(w1b, std=1.0)
+            nn.init.zeros_(w2a)
+            nn.init.normal_(w2b, std=1.0)
+            for t in ts:
+                nn.init.normal_(t, std=0.1)
+        else:
+            for p in (w1a, w1b, w2a, *ts):
+                nn.init.kaiming_uniform_(p, a=_pymath.sqrt(5))
+            nn.init.zeros_(w2b)
 
     def factors(self):
-        """(W1a, W1b, W2a, W2b): this layer's Parameters, or, once ``loha.stack`` has moved them into a
-        LoHaStack, views of its slice there (written through by in-place edits and ``copy_``)."""
+        """This layer's factors in file order: its Parameters, or views of its slice of a LoHaStack
+        (written through by in-place edits and ``copy_``)."""
         stack = self.__dict__.get("_stack")
         if stack is None:
             p = self._parameters
-            return p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"]
-        p, i = stack[0]._parameters, stack[1]
-        return p["hada_w1_a"][i], p["hada_w1_b"][i], p["hada_w2_a"][i], p["hada_w2_b"][i]
+            return tuple(p[n] for n in self.factor_names)
+        params, i = stack[0].factors(), stack[1]
+        return tuple(p[i] for p in params)
 
     def _storage(self):
-        """The four Parameters that hold the factors: this layer's, or its LoHaStack's (for dtype, device,
-        in-place versions and data pointers; a slice view would cost an op per call)."""
+        """The Parameters that hold the factors: this layer's, or its LoHaStack's."""
         stack = self.__dict__.get("_stack")
         return self.factors() if stack is None else stack[0].factors()
 
     def __getattr__(self, name):
-        if name in FACTOR_NAMES and self.__dict__.get("_stack") is not None:
-            return self.factors()[FACTOR_NAMES.index(name)]
+        if name in TUCKER_NAMES and self.__dict__.get("_stack") is not None:
+            names = self.__dict__["factor_names"]
+            if name in names:
+                return self.factors()[names.index(name)]
         return super().__getattr__(name)
 
+    def factors_fp32(self):
+        return [f.float() if f.dtype in (torch.float16, torch.bfloat16) else f for f in self.factors()]
+
     def delta_weight(self) -> torch.Tensor:
-        """scale·ΔW in fp32 (or the factors' dtype if wider), without dropout."""
-        w1a, w1b, w2a, w2b = (f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
-                              for f in self.factors())
-        return (w1a @ w1b) * (w2a @ w2b) * self.scale
+        """scale·ΔW in fp32 (or the factors' dtype if wider), in the weight's shape, without dropout."""
+        return lm.delta(self.factors_fp32(), self.scale).view(self.base_layer.weight.shape)
+
+    def effective_parameters(self):
+        w = self.base_layer.weight
+        w32 = w.detach().float()
+        if self.dora_scale is None:  # the very sum the forward builds, so a fused model computes what it did
+            p1, p2 = lm.products([f.to(w.device) for f in self.factors_fp32()])
+            new = {"weight": lm.add_delta(w32.flatten(1), p1, p2, self.scale, torch.float32).view(w.shape)}
+        else:
+            unscaled = w32 + lm.delta(self.factors_fp32(), self.alpha / self.rank).view(w.shape).to(w.device)
+            new = {"weight": lm.dora(unscaled, self.dora_scale.to(w.device).float(), w32, self.multiplier)}
+        if self.diff_b is not None:
+            new["bias"] = self.base_layer.bias.detach().float() + self.multiplier * self.diff_b.float()
+        return new
+
+    def subtracted(self):
+        if self.dora_scale is not None:
+            raise LoHaError("a DoRA adapter merged without keep_original=True cannot be unmerged (its change is "
+                            "not a sum); reload the base model")
+        w = self.base_layer.weight
+        out = {"weight": w.float() - self.delta_weight().to(w.device)}
+        if self.diff_b is not None:
+            out["bias"] = self.base_layer.bias.float() - self.multiplier * self.diff_b.float()
+        return out
 
     def _row_scale(self):
-        """Rank/module dropout as one per-output-row multiplier (no data-dependent branch)."""
+        """Rank/module dropout as one per-output-row multiplier (no data-dependent branch), or None."""
         if not self.training or (self.rank_dropout == 0 and self.module_dropout == 0):
             return None
         w = self._storage()[0]
-        n = w.shape[-2]
+        n = self.base_layer.weight.shape[0]
         if self.rank_dropout > 0:
             row = (torch.rand(n, device=w.device) > self.rank_dropout).to(w.dtype)
             row = row / row.mean().clamp_min(1e-12)
@@ -423,121 +542,169 @@ class LoHaLinear(nn.Module):
             row = row * (torch.rand((), device=w.device) >= self.module_dropout).to(w.dtype)
         return row
 
+    def groupable(self) -> bool:
+        """True if this call can take the grouped path (else the per-layer Function runs)."""
+        return (self._forward_mode == "grouped" and self.__dict__.get("_stack") is not None
+                and not self._base_weight().requires_grad and not torch.compiler.is_compiling())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.multiplier == 0:
             return self.base_layer(x)
         dev = x.device.type
-        if torch.is_autocast_enabled(dev):  # compute in autocast's dtype, as the Linear it replaces would
+        if torch.is_autocast_enabled(dev):  # compute in autocast's dtype, as the layer it replaces would
             with torch.autocast(dev, enabled=False):
-                return self._apply_function(x.to(torch.get_autocast_dtype(dev)))
-        return self._apply_function(x)
+                return self._compute(x.to(torch.get_autocast_dtype(dev)))
+        return self._compute(x)
 
-    # The per-call paths below read parameters from the module dicts directly: nn.Module.__getattr__
-    # costs about half a microsecond a lookup, and small layers are dispatch-bound (BENCHMARKS.md).
-    def _base_weight(self):
-        return self._modules["base_layer"]._parameters["weight"]
-
-    def _group_key(self):
-        """Layers with equal keys are rebuilt together in "grouped" mode; None: this one cannot be."""
-        w = self._base_weight()
-        if self._forward_mode != "grouped" or self.merged or self.multiplier == 0 or w.requires_grad:
-            return None
-        return (w.shape, w.dtype, w.device, self.rank, self._storage()[0].dtype)
-
-    def _stamp(self, dtype):
-        """Everything a prebuilt W + ΔW depends on; a prebuilt weight is used only if this still matches."""
-        w, f = self._base_weight(), self._storage()
-        return (dtype, torch.is_grad_enabled(), self.training, self.alpha / self.rank * self.multiplier,
-                w._version, f[0]._version, f[1]._version, f[2]._version, f[3]._version, w.data_ptr(),
-                f[0].data_ptr())
-
-    def _grouped_forward(self, x):
-        prebuilt = self._prebuilt
-        self.__dict__["_prebuilt"] = None  # a prebuilt weight is used at most once
-        if prebuilt is None or not prebuilt[1].alive or prebuilt[2] != self._stamp(x.dtype):
-            self._group.build(self, x.dtype)
-            prebuilt = self._prebuilt
-            self.__dict__["_prebuilt"] = None
-        return F.linear(x, prebuilt[0], _cast(self._modules["base_layer"]._parameters["bias"], x.dtype))
-
-    def __getstate__(self):
-        # deepcopy/pickle: a prebuilt weight is a non-leaf tensor of a live graph, never worth copying
-        return {**super().__getstate__(), "_prebuilt": None}
-
-    def _apply_function(self, x):
-        mode = self._forward_mode
-        if mode == "grouped" and not torch.compiler.is_compiling():
-            if self._group_key() is not None:
-                return self._grouped_forward(x)
-            self.__dict__["_prebuilt"] = None  # no longer groupable (e.g. W made trainable): drop what was built
+    # The per-call paths read parameters from the module dicts directly: nn.Module.__getattr__ costs about
+    # half a microsecond a lookup, and small layers are dispatch-bound (BENCHMARKS.md).
+    def _compute(self, x):
         base = self._modules["base_layer"]._parameters
-        args = (base["weight"], base["bias"], *self.factors(),
-                self.alpha / self.rank * self.multiplier, self._row_scale(), mode != "bypass")
+        if self.dora_scale is not None or self.diff_b is not None:
+            return self._plain_forward(x)
+        if self.groupable():
+            stack, slot = self.__dict__["_stack"]
+            build = stack.build_for(self, slot, x.dtype)
+            if build.grad:
+                return _GroupedLayerFunction.apply(x, build.token, base["bias"], build, slot, self.op)
+            return self.op.forward(x, build.forward_weight(slot), _cast(base["bias"], x.dtype))
+        row = self._row_scale()
+        coef = self.scale if row is None else (row * self.scale)[:, None]
+        args = (base["weight"], base["bias"], coef, self._forward_mode != "bypass", self.op, *self.factors())
         if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
-            return _LoHaLinearFunction.forward(None, x, *args)
-        return _LoHaLinearFunction.apply(x, *args)
+            return _LoHaFunction.forward(None, x, *args)
+        return _LoHaFunction.apply(x, *args)
 
-    # -- merge / unmerge -----------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, keep_original: bool = True):
-        """Fold scale·ΔW into the base weight (in fp32, cast once). Refuses non-finite results."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
-        merged = w.float() + self.delta_weight().to(w.device)
-        if not torch.isfinite(merged).all():
-            raise LoHaError("merging would put NaN/Inf into the base weight; the adapter factors or "
-                            "the scale are broken, so the model was left unmerged")
-        self._original_weight = w.detach().to("cpu", copy=True) if keep_original else None
-        w.copy_(merged.to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        """Restore the base weight: bit-exact from the kept copy, else by subtracting ΔW in fp32."""
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        if self._original_weight is not None:
-            w.copy_(self._original_weight.to(w.device))
-        else:
-            w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
-        self._original_weight = None
-        self.merged = False
+    def _plain_forward(self, x):
+        """DoRA and bias differences: the effective weights with plain (differentiable) torch ops."""
+        w = self._base_weight()
+        row = self._row_scale()
+        coef = self.scale if self.dora_scale is None else self.alpha / self.rank
+        coef = coef if row is None else (row * coef)[:, None]
+        merged = w.float() + lm.delta([f.float() for f in self.factors()], coef).view(w.shape)
+        if self.dora_scale is not None:
+            merged = lm.dora(merged, self.dora_scale.float(), w.float(), self.multiplier)
+        bias = self.base_layer.bias
+        if self.diff_b is not None:
+            bias = bias.float() + self.multiplier * self.diff_b.float()
+        return self.op.forward(x, merged.to(x.dtype), _cast(bias, x.dtype))
 
     def extra_repr(self) -> str:
+        extras = ", use_tucker=True" if self.use_tucker else ""
+        extras += ", dora=True" if self.dora_scale is not None else ""
         return (f"rank={self.rank}, alpha={self.alpha:g}, forward_mode={self._forward_mode!r}, "
-                f"rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}, merged={self.merged}")
+                f"rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}, merged={self.merged}"
+                + extras)
+
+
+class LoHaLinear(LoHaLayer):
+    """A frozen ``nn.Linear`` plus a LoHa adapter."""
+
+    base_type = nn.Linear
+
+    @staticmethod
+    def make_op(base_layer):
+        return _LinearOp()
+
+
+class LoHaConv2d(LoHaLayer):
+    """A frozen ``nn.Conv2d`` (any kernel, stride, padding, dilation; groups = 1) plus a LoHa adapter."""
+
+    base_type = nn.Conv2d
+
+    @staticmethod
+    def make_op(base_layer):
+        if base_layer.groups != 1 or base_layer.padding_mode != "zeros" or isinstance(base_layer.padding, str):
+            raise LoHaError(f"LoHa on Conv2d needs groups=1 and numeric zero padding; this conv has "
+                            f"groups={base_layer.groups}, padding={base_layer.padding!r}, "
+                            f"padding_mode={base_layer.padding_mode!r}")
+        return _Conv2dOp(base_layer)
+
+
+class DiffLayer(AdapterLayer):
+    """Full differences for a module's weight and/or bias (ComfyUI's trainer writes ``.diff`` for every
+    1-D weight, i.e. the norms, and ``.diff_b`` for every bias): weight + multiplier·diff."""
+
+    def __init__(self, base_layer, diff=None, diff_b=None):
+        super().__init__(base_layer)
+        self.register_buffer("diff", None if diff is None else diff.detach().clone())
+        self.register_buffer("diff_b", None if diff_b is None else diff_b.detach().clone())
+
+    def effective_parameters(self):
+        new = {}
+        for name, d in (("weight", self.diff), ("bias", self.diff_b)):
+            if d is not None:
+                base = self.base_layer._parameters[name]
+                new[name] = base.detach().float() + self.multiplier * d.to(base.device).float()
+        return new
+
+    def subtracted(self):
+        out = {}
+        for name, d in (("weight", self.diff), ("bias", self.diff_b)):
+            if d is not None:
+                base = self.base_layer._parameters[name]
+                out[name] = base.float() - self.multiplier * d.to(base.device).float()
+        return out
+
+    def forward(self, *args, **kwargs):
+        if self.merged or self.multiplier == 0:
+            return self.base_layer(*args, **kwargs)
+        changed = {k: v.to(self.base_layer._parameters[k].dtype) for k, v in self.effective_parameters().items()}
+        return torch.func.functional_call(self.base_layer, changed, args, kwargs)
+
+
+ADAPTER_TYPES = {nn.Linear: LoHaLinear, nn.Conv2d: LoHaConv2d}
+
+
+def adapter_for(module: nn.Module) -> type[LoHaLayer] | None:
+    """The LoHa class for a module (exact Linear and Conv2d subclasses too), or None."""
+    return next((cls for base, cls in ADAPTER_TYPES.items() if isinstance(module, base)), None)
 
 
 class LoHaStack(nn.Module):
-    """The factors of L LoHaLinear layers of one shape, rank and factor dtype as four (L, ·, ·) Parameters
-    (``loha.stack`` makes them). The layers keep reading and writing their factors, as views of their
-    slice; what changes is what ``parameters()``, optimizers, DDP and gradient clipping see: four tensors
-    per shape instead of four per layer. With ``forward_mode="grouped"`` the group's rebuild then takes
-    the stacked Parameters as they are and autograd accumulates four gradients, not 4L (BENCHMARKS.md)."""
+    """The factors of L LoHa layers of one kind, shape, rank, layout and factor dtype as stacked (L, ·, ·)
+    Parameters (``loha.stack`` or ``loha.inject(stack=True)`` make them). The layers keep reading and writing
+    their factors, as views of their slice; ``parameters()``, optimizers, DDP and gradient clipping see four
+    (six with Tucker) tensors per shape instead of four per layer. In ``forward_mode="grouped"`` the stack's
+    build takes them as they are and autograd accumulates one gradient per stacked tensor."""
 
-    def __init__(self, layers: list[LoHaLinear]):
+    def __init__(self, layers: list[LoHaLayer]):
         super().__init__()
         needs = {f.requires_grad for m in layers for f in m.factors()}
         if len(needs) != 1:
             raise LoHaError("some of these adapters' factors are frozen and some are not; stack them with "
                             "the same requires_grad")
         trainable = needs.pop()
+        names = layers[0].factor_names
         with torch.no_grad():
-            for k, name in enumerate(FACTOR_NAMES):
+            for k, name in enumerate(names):
                 stacked = torch.stack([m.factors()[k] for m in layers])
                 self.register_parameter(name, nn.Parameter(stacked, requires_grad=trainable))
+        self.__dict__["factor_names"] = names
         self.__dict__["layers"] = list(layers)  # plain references: the layers live in the model's tree
+        self.__dict__["_build"] = None
         for i, m in enumerate(layers):
-            for name in FACTOR_NAMES:
+            for name in names:
                 del m._parameters[name]
             m.__dict__["_stack"] = (self, i)
-            m.__dict__["_prebuilt"] = None
 
     def factors(self):
         p = self._parameters
-        return p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"]
+        return tuple(p[n] for n in self.factor_names)
+
+    def build_for(self, layer, slot, dtype) -> _Build:
+        build = self.__dict__["_build"]
+        if build is None or not build.accepts(layer, slot, dtype):
+            build = self.__dict__["_build"] = _Build(self, dtype)
+        return build
+
+    def __getstate__(self):
+        # deepcopy/pickle: a build holds tensors of a live graph, never worth copying
+        return {**super().__getstate__(), "_build": None}
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_build"] = None  # .to()/.half(): a build from before refers to the old tensors
+        return super()._apply(fn, recurse)
 
     def unstack(self):
         """Give every layer its own Parameters again (copies of its slice), and forget the layers."""
@@ -545,11 +712,11 @@ class LoHaStack(nn.Module):
             params = [nn.Parameter(f.detach().clone(), requires_grad=s.requires_grad)
                       for f, s in zip(m.factors(), self.factors())]
             m.__dict__["_stack"] = None
-            m.__dict__["_prebuilt"] = None
-            for name, param in zip(FACTOR_NAMES, params):
+            for name, param in zip(self.factor_names, params):
                 m.register_parameter(name, param)
         self.__dict__["layers"] = []
+        self.__dict__["_build"] = None
 
     def extra_repr(self) -> str:
-        out_f, rank = self.hada_w1_a.shape[1:]
-        return f"layers={len(self.layers)}, out_features={out_f}, in_features={self.hada_w1_b.shape[2]}, rank={rank}"
+        shape = tuple(self.layers[0].base_layer.weight.shape) if self.layers else ()
+        return f"layers={len(self.layers)}, weight_shape={shape}, rank={self._parameters['hada_w1_b'].shape[1]}"

@@ -25,8 +25,10 @@ def run_unet(unet, inputs):
 
 
 def randomize_adapters(model, seed=0, std=0.3):
-    """Non-zero factors, so a file that loads as zeros would be caught."""
+    """Non-zero factors, so a file that loads as zeros would be caught. Layer by layer, in module order,
+    so stacked and per-layer storage of the same adapters get the same values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in loha.trainable_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+        for layer in loha.loha_layers(model).values():
+            for f in layer.factors():
+                f.copy_(torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.dtype) * std)

@@ -1,5 +1,7 @@
-"""forward_mode="grouped": same-shape layers rebuilt together. Checked against float64 math and
-against the per-layer "merged" mode, including every way a prebuilt weight could go stale."""
+"""forward_mode="grouped" (the default) on stacked storage: same-shape layers built and differentiated
+together, chunk by chunk, saving only the inputs. Checked against float64 math and the per-layer
+"merged" mode, including every way a build could go stale, and against what the optimizer, DDP,
+checkpointing and saving see of the stacked Parameters."""
 
 import copy
 
@@ -10,19 +12,22 @@ from torch.utils.checkpoint import checkpoint
 
 import loha
 from loha import layer as layer_module
-from loha.layer import _Build, _GroupedRebuildFunction, _LayerGroup
+from loha.inject import stacks_of
+from loha.layer import _Build
 from loha.tiny_sdxl import tiny_unet
 from tests.helpers import randomize_adapters, unet_inputs
 
 
 class Toy(nn.Module):
-    """Three 12→10 layers (one group) and one 10→6 layer (its own group); ``skip`` leaves out b."""
+    """Three 12→10 linears (one stack), one 10→18 linear and two 3×3 convs (a stack of their own each
+    kind); ``skip`` leaves out b."""
 
     def __init__(self, dtype=torch.float32):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b, self.c = (nn.Linear(12, 10, dtype=dtype) for _ in range(3))
-        self.d = nn.Linear(10, 6, bias=False, dtype=dtype)
+        self.d = nn.Linear(10, 18, bias=False, dtype=dtype)
+        self.e, self.f = (nn.Conv2d(2, 3, 3, padding=1, dtype=dtype) for _ in range(2))
         self.skip = False
 
     def forward(self, x, ckpt=None):
@@ -31,81 +36,93 @@ class Toy(nn.Module):
             h = h + self.b(x)
         h = h + self.c(x)
         if ckpt is not None:
-            return checkpoint(self.d, torch.tanh(h), use_reentrant=ckpt)
-        return self.d(torch.tanh(h))
+            out = checkpoint(self.d, torch.tanh(h), use_reentrant=ckpt)
+        else:
+            out = self.d(torch.tanh(h))
+        img = out.reshape(*out.shape[:-1], 2, 3, 3).flatten(0, -4)
+        return out.sum() + (self.e(img) * self.f(img)).sum()
 
 
-def toy_pair(dtype=torch.float32, **options):
-    """The same adapted Toy twice: per-layer "merged" and "grouped"."""
+TARGETS = ["a", "b", "c", "d", "e", "f"]
+
+
+def toy_pair(dtype=torch.float32, use_tucker=False, **options):
+    """The same adapted Toy twice: per-layer "merged" on per-layer storage, and the default grouped/stacked."""
     models = []
-    for mode in ("merged", "grouped"):
+    for mode, stack in (("merged", False), ("grouped", True)):
         m = Toy(dtype)
-        loha.inject(m, rank=3, target_modules=["a", "b", "c", "d"], forward_mode=mode, **options)
+        loha.inject(m, rank=3, target_modules=TARGETS, forward_mode=mode, stack=stack, use_tucker=use_tucker,
+                    **options)
         randomize_adapters(m, seed=1)
         models.append(m)
     return models
 
 
 def grads(model):
-    return [p.grad.clone() for p in loha.trainable_parameters(model)]
+    """Every layer's factor gradients, whatever the storage (a stacked gradient's slice)."""
+    out = []
+    for layer in loha.loha_layers(model).values():
+        stack = layer._stack
+        if stack is None:
+            out += [None if p.grad is None else p.grad.clone() for p in layer.factors()]
+        else:
+            out += [None if p.grad is None else p.grad[stack[1]].clone() for p in stack[0].factors()]
+    return out
 
 
 def assert_close_lists(xs, ys, rtol=1e-5, atol=1e-6):
     assert len(xs) == len(ys)
     for x, y in zip(xs, ys):
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
 @pytest.fixture
 def count_builds(monkeypatch):
-    """How many grouped rebuilds ran, and of how many layers each."""
-    sizes = []
-    original = _LayerGroup.build
+    """(builds created, chunk weights built): the grouped path really ran, and how often."""
+    counts = {"builds": 0, "chunks": 0}
+    init, build = _Build.__init__, _Build._build
 
-    def counting(self, requester, dtype):
-        before = {id(m) for m in self.layers if m._prebuilt is not None}
-        original(self, requester, dtype)
-        sizes.append(sum(m._prebuilt is not None and id(m) not in before for m in self.layers) or 1)
+    def counting_init(self, *args):
+        counts["builds"] += 1
+        init(self, *args)
 
-    monkeypatch.setattr(_LayerGroup, "build", counting)
-    return sizes
+    def counting_build(self, c):
+        counts["chunks"] += 1
+        return build(self, c)
+
+    monkeypatch.setattr(_Build, "__init__", counting_init)
+    monkeypatch.setattr(_Build, "_build", counting_build)
+    return counts
 
 
-@pytest.mark.parametrize("per_layer_scale", [False, True])
-@pytest.mark.parametrize("rows", [False, True])
-@pytest.mark.parametrize("chunk", [1 << 16, 130])  # 130 elements: one 12×10 layer per chunk
-@pytest.mark.parametrize("stacked", [False, True])  # 4L per-layer factors, or a LoHaStack's four (L, ·, ·)
-def test_grouped_rebuild_gradcheck_float64(monkeypatch, per_layer_scale, rows, chunk, stacked):
+@pytest.mark.parametrize("chunk", [1 << 16, 130])  # 130 elements: one 12×10 layer (and one conv) per chunk
+@pytest.mark.parametrize("use_tucker", [False, True])
+@pytest.mark.parametrize("mixed", [False, True])  # per-layer scales and rank dropout: a coefficient tensor
+def test_grouped_gradcheck_float64(monkeypatch, chunk, use_tucker, mixed):
+    """The whole grouped path (build, per-layer Functions, chunked backward) against numerical gradients."""
     monkeypatch.setattr(layer_module, "CPU_CHUNK_ELEMENTS", chunk)
-    torch.manual_seed(0)
-    f64 = dict(dtype=torch.float64)
-    weights = [torch.randn(10, 12, **f64) for _ in range(3)]
-    shapes = [(10, 2), (2, 12), (10, 2), (2, 12)]
-    if stacked:
-        factors = [torch.randn(3, *s, **f64, requires_grad=True) for s in shapes]
-        layer_factors = lambda i: [f[i] for f in factors]
-    else:
-        factors = [torch.randn(s, **f64, requires_grad=True) for _ in range(3) for s in shapes]
-        layer_factors = lambda i: factors[4 * i:4 * i + 4]
-    scale = torch.tensor([0.5, 1.0, 2.0], **f64)[:, None, None] if per_layer_scale else 0.7
-    row_scale = torch.rand(3, 10, **f64) + 0.5 if rows else None
-    fn = lambda *f: _GroupedRebuildFunction.apply(weights, scale, row_scale, torch.float64, _Build(), *f)
-    assert torch.autograd.gradcheck(fn, factors)
-    # and the value against the formula written per layer
-    out = fn(*factors)
-    for i in range(3):
-        a1, b1, a2, b2 = layer_factors(i)
-        s = scale[i] if per_layer_scale else scale
-        r = row_scale[i][:, None] if rows else 1.0
-        torch.testing.assert_close(out[i], weights[i] + s * ((a1 * r) @ b1) * (a2 @ b2))
-    if stacked:  # a layer whose output is unused gets zeros in its slice (a stack cannot be partly None)
-        (out[0].sum() + out[2].square().sum()).backward()
-        assert all(f.grad is not None and not f.grad[1].any() and f.grad[0].any() for f in factors)
+    model = Toy(torch.float64)
+    loha.inject(model, rank=2, target_modules=TARGETS, use_tucker=use_tucker, dtype=torch.float64,
+                rank_dropout=0.3 if mixed else 0.0, alphas={"b": 5.0} if mixed else None)
+    randomize_adapters(model, seed=4)
+    params = loha.trainable_parameters(model)
+    assert all(p.dim() >= 3 for p in params)  # stacked
+    x = torch.randn(2, 12, dtype=torch.float64, requires_grad=True)
+    model.train()
+
+    def fn(x, *_):
+        torch.manual_seed(7)  # the same rank-dropout masks at every evaluation
+        return model(x)
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
 
 
 def test_grouped_matches_merged_over_training_steps(count_builds):
     """Three SGD steps, with gradient accumulation over two micro-batches per step: every output and
-    every gradient equals the per-layer mode; and the grouped path really ran (2 groups per forward)."""
+    every gradient equals the per-layer mode; and the grouped path really ran."""
     merged, grouped = toy_pair()
     x = torch.randn(4, 5, 12)
     outs = {}
@@ -115,27 +132,30 @@ def test_grouped_matches_merged_over_training_steps(count_builds):
         for _ in range(3):
             for half in (x[:2], x[2:]):
                 y = model(half)
-                y.square().mean().backward()
+                y.backward()
                 outs[name].append(y.detach())
             outs[name].append(grads(model))
             opt.step()
             opt.zero_grad()
         with torch.no_grad():
             outs[name].append(model(x))
-    assert len(outs["merged"]) == len(outs["grouped"])
     for a, b in zip(outs["merged"], outs["grouped"]):
         assert_close_lists(a, b) if isinstance(a, list) else torch.testing.assert_close(a, b)
-    assert count_builds == [3, 1] * 7  # 6 micro-batches + 1 no-grad forward, each: the trio and d
+    assert count_builds["builds"] == 3 * 7  # 3 stacks (12→10, 10→18, conv) × (6 micro-batches + 1 no-grad)
+    assert len(loha.trainable_parameters(grouped)) == 12 and len(loha.trainable_parameters(merged)) == 24
 
 
-def test_grouped_tiny_unet_matches_merged_with_mixed_ranks_and_alphas(count_builds):
+def test_grouped_tiny_unet_full_preset_with_mixed_ranks_alphas_and_tucker(count_builds):
+    """The tiny UNet with the full preset (attention, MLPs, resnet convs, samplers, embeddings), Tucker
+    convs, a second rank and scattered alphas: grouped/stacked equals per-layer merged."""
     unets = []
-    for mode in ("merged", "grouped"):
+    for mode, stack in (("merged", False), ("grouped", True)):
         unet = tiny_unet(0)
-        paths = [p for p, m in unet.named_modules() if p.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
-        ranks = {p: 4 for p in paths[::3]}  # a second rank: separate groups
-        alphas = {p: 2.0 for p in paths[1::5]}  # a different scale inside a group: per-layer scale tensor
-        loha.inject(unet, rank=8, ranks=ranks, alphas=alphas, forward_mode=mode)
+        paths = loha.preset_targets(unet, "full")
+        ranks = {p: 2 for p in paths[::3]}
+        alphas = {p: 2.0 for p in paths[1::5]}
+        loha.inject(unet, rank=4, preset="full", conv_rank=3, use_tucker=True, ranks=ranks, alphas=alphas,
+                    forward_mode=mode, stack=stack)
         loha.set_scale(unet, 0.8)
         randomize_adapters(unet, seed=2, std=0.1)
         unets.append(unet)
@@ -146,7 +166,7 @@ def test_grouped_tiny_unet_matches_merged_with_mixed_ranks_and_alphas(count_buil
         out.square().mean().backward()
         results.append([out.detach(), *grads(unet)])
     assert_close_lists(results[0], results[1], rtol=1e-4, atol=1e-6)
-    assert len(count_builds) == 4 and sum(count_builds) == 136  # (64², 64×96) × (rank 8, rank 4)
+    assert count_builds["builds"] == len(loha.stack(copy.deepcopy(unets[0])))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -154,48 +174,46 @@ def test_grouped_under_gradient_checkpointing(reentrant):
     merged, grouped = toy_pair()
     x = torch.randn(3, 12)
     for model in (merged, grouped):
-        model(x, ckpt=reentrant).sum().backward()
+        model(x, ckpt=reentrant).backward()
     assert_close_lists(grads(merged), grads(grouped))
 
 
 def test_grouped_diffusers_gradient_checkpointing_matches_merged(count_builds):
-    """diffusers' (non-reentrant) checkpointing recomputes each block in backward: the first recomputed
-    layer of a group rebuilds the group once, and every later recomputation uses that build."""
+    """diffusers' (non-reentrant) checkpointing recomputes each block in backward; the recomputation
+    starts builds of its own, and the original build still takes every gradient."""
     unets = []
-    for mode in ("merged", "grouped"):
+    for mode, stack in (("merged", False), ("grouped", True)):
         unet = tiny_unet(0)
         unet.enable_gradient_checkpointing()
-        loha.inject(unet, rank=4, forward_mode=mode)
+        loha.inject(unet, rank=4, forward_mode=mode, stack=stack)
         randomize_adapters(unet, seed=3, std=0.1)
         unet.train()
         unet(**unet_inputs()).sample.square().mean().backward()
         unets.append(unet)
     assert_close_lists(grads(unets[0]), grads(unets[1]), rtol=1e-4, atol=1e-6)
-    assert len(count_builds) == 4  # 2 groups (64×64, 64×96): once in forward, once in backward
+    assert count_builds["builds"] > 2  # 2 stacks forward, more for the recomputed blocks
 
 
 def test_skipped_layer_and_two_forwards_before_backward():
-    """A layer left out of one forward keeps an unused prebuilt weight; the next forward must not
-    reuse it after an optimizer step, and two forwards sharing one backward must both count."""
     merged, grouped = toy_pair()
     x = torch.randn(3, 12)
     for model in (merged, grouped):
         opt = torch.optim.SGD(loha.trainable_parameters(model), lr=0.1)
         model.skip = True
-        model(x).sum().backward()
+        model(x).backward()
         opt.step()
         opt.zero_grad()
         model.skip = False
-        (model(x).sum() + model(2 * x).sum()).backward()
+        (model(x) + model(2 * x)).backward()
     assert_close_lists(grads(merged), grads(grouped))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), grouped(x))
 
 
 def test_in_place_changes_between_forwards_are_seen():
-    """No-grad forwards: a factor edited in place, set_scale, merge/unmerge, load_state_dict,
-    train/eval and the grad mode all invalidate what was prebuilt."""
-    merged, grouped = toy_pair(rank_dropout=0.0)
+    """No-grad forwards: a factor edited in place, set_scale, merge/unmerge, load_state_dict, a new base
+    weight, train/eval and the grad mode all start a new build."""
+    merged, grouped = toy_pair()
     x = torch.randn(2, 12)
 
     def same():
@@ -205,7 +223,7 @@ def test_in_place_changes_between_forwards_are_seen():
     same()
     for model in (merged, grouped):
         model.skip = True
-    same()  # leaves b's prebuilt weight unused in the grouped model
+    same()
     for model in (merged, grouped):
         model.skip = False
         with torch.no_grad():
@@ -220,29 +238,17 @@ def test_in_place_changes_between_forwards_are_seen():
     same()
     state = {k: v + 0.01 for k, v in loha.adapter_state_dict(merged).items()}
     for model in (merged, grouped):
-        model.load_state_dict(state, strict=False)
+        for key, value in state.items():
+            path, name = key.rsplit(".", 1)
+            with torch.no_grad():
+                getattr(model.get_submodule(path), name).copy_(value)
     same()
-    y = grouped(x)  # grad mode after no-grad forwards: the weights it uses must carry a graph
-    y.sum().backward()
+    for model in (merged, grouped):
+        model.c.base_layer.weight = nn.Parameter(model.c.base_layer.weight.detach() * 2, requires_grad=False)
+    same()
+    y = grouped(x)  # grad mode after no-grad forwards: the result must carry a graph
+    y.backward()
     assert all(p.grad is not None for p in loha.trainable_parameters(grouped))
-
-
-def test_rank_dropout_masks_are_applied_per_layer(monkeypatch):
-    """With fixed masks, grouped equals merged in training; in eval, dropout is off in both."""
-    merged, grouped = toy_pair(rank_dropout=0.5)
-    g = torch.Generator().manual_seed(0)
-    masks = {name: (torch.rand(10 if name != "d" else 6, generator=g) > 0.5).float() * 2 for name in "abcd"}
-    for model in (merged, grouped):
-        for name in "abcd":
-            layer = getattr(model, name)
-            monkeypatch.setattr(layer, "_row_scale", lambda mask=masks[name]: mask)
-    x = torch.randn(3, 12)
-    ys = []
-    for model in (merged, grouped):
-        ys.append(model(x))
-        ys[-1].sum().backward()
-    torch.testing.assert_close(ys[0], ys[1])
-    assert_close_lists(grads(merged), grads(grouped))
 
 
 def test_bf16_autocast_and_inference_mode_match_merged():
@@ -250,19 +256,22 @@ def test_bf16_autocast_and_inference_mode_match_merged():
     x = torch.randn(4, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = merged(x), grouped(x)
-    assert a.dtype == b.dtype == torch.bfloat16
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same fp32 sum, cast once: identical
     with torch.inference_mode():
         torch.testing.assert_close(merged(x), grouped(x))
 
 
-def test_bf16_base_weights_group_in_fp32_and_match_merged():
-    merged, grouped = toy_pair(dtype=torch.bfloat16)
-    x = torch.randn(4, 12, dtype=torch.bfloat16)
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_mixed_precision_matches_merged_bit_for_bit(base_dtype):
+    """As the trainer runs it (fp32 factors, bf16 autocast, a bf16 or fp32 base): outputs bit for bit,
+    gradients to fp32 rounding."""
+    merged, grouped = toy_pair(dtype=base_dtype)
+    x = torch.randn(4, 12, dtype=base_dtype)
     ys = []
     for model in (merged, grouped):
-        ys.append(model(x))
-        ys[-1].float().sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ys.append(model(x))
+        ys[-1].float().backward()
     torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0)
     assert_close_lists(grads(merged), grads(grouped), rtol=1e-2, atol=1e-3)
 
@@ -270,32 +279,28 @@ def test_bf16_base_weights_group_in_fp32_and_match_merged():
 def test_deepcopy_after_a_training_forward_and_compile_falls_back():
     _, grouped = toy_pair()
     x = torch.randn(2, 12)
-    y = grouped(x)  # leaves nothing prebuilt only after every layer used its weight; force one stale
-    grouped.skip = True
-    grouped(x)
-    twin = copy.deepcopy(grouped)  # b's prebuilt weight is a non-leaf tensor: it must not be copied
-    assert twin.b._prebuilt is None
-    twin.skip = False
+    y = grouped(x)
+    twin = copy.deepcopy(grouped)  # a live build is never copied
+    assert all(s._build is None for s in stacks_of(twin))
     with torch.no_grad():
         torch.testing.assert_close(twin(x), y)
-    grouped.skip = False
     compiled = torch.compile(grouped, backend="eager")  # traced: the per-layer path, no Python caches
     torch.testing.assert_close(compiled(x), y)
-    compiled(x).sum().backward()
+    compiled(x).backward()
     assert all(p.grad is not None for p in loha.trainable_parameters(grouped))
 
 
-def test_trainable_base_weight_and_standalone_layer_fall_back_to_merged():
-    torch.manual_seed(0)
-    layer = loha.LoHaLinear(nn.Linear(12, 10), 3, forward_mode="grouped")
-    randomize_adapters(nn.ModuleList([layer]))
+def test_trainable_base_weight_falls_back_to_the_per_layer_function():
+    merged, grouped = toy_pair()
     x = torch.randn(2, 12)
-    y = layer(x)  # a group of one
-    layer.base_layer.weight.requires_grad_(True)
-    y2 = layer(x)
-    y2.sum().backward()
-    assert layer.base_layer.weight.grad is not None  # the per-layer Function gives W its gradient
-    torch.testing.assert_close(y, y2)
+    ys = []
+    for model in (merged, grouped):
+        model.b.base_layer.weight.requires_grad_(True)
+        ys.append(model(x))
+        ys[-1].backward()
+    torch.testing.assert_close(ys[0], ys[1])
+    torch.testing.assert_close(merged.b.base_layer.weight.grad, grouped.b.base_layer.weight.grad)
+    assert_close_lists(grads(merged), grads(grouped))
 
 
 def test_factor_changed_between_forward_and_backward_is_an_error():
@@ -304,39 +309,133 @@ def test_factor_changed_between_forward_and_backward_is_an_error():
     with torch.no_grad():
         grouped.a.hada_w1_b.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
-        y.sum().backward()
+        y.backward()
 
 
-def test_layer_whose_output_is_unused_gets_no_gradient():
-    """As in the per-layer mode: None, not zeros, so AdamW does not decay it (SDXL never uses the last
-    CLIP-L layer's output). Its group-mates still get theirs."""
-    for model in toy_pair():
-        x = torch.randn(2, 12)
-        (model.a(x) + model.c(x)).sum().backward()
-        model.b(x)  # run after the backward: its output never reaches a loss
-        assert model.b.hada_w1_a.grad is None and model.a.hada_w1_a.grad is not None
-        model.zero_grad(set_to_none=True)
-        y = model.a(x) + 0 * model.c(x).detach()
-        model.b(x)  # in the same graph as a, but unused
-        y.sum().backward()
-        assert model.b.hada_w1_a.grad is None and model.c.hada_w1_a.grad is None
-        assert model.a.hada_w1_a.grad is not None
-
-
-def test_base_weight_made_trainable_with_a_weight_still_prebuilt():
-    """b's prebuilt weight is left unused by a skipped forward; then b's W becomes trainable. b must fall
-    back to the per-layer path (W gets its gradient) instead of using or rebuilding a grouped weight."""
+def test_layer_whose_output_is_unused_gets_zeros_in_its_slice():
+    """A stacked Parameter cannot be partly None: an unused layer (SDXL never reads the last CLIP-L
+    layer) gets zeros in its slice, and its stack-mates their gradients; per-layer storage gives None."""
     merged, grouped = toy_pair()
     x = torch.randn(2, 12)
-    grouped.skip = True
-    grouped(x)
-    assert grouped.b._prebuilt is not None
-    ys = []
     for model in (merged, grouped):
-        model.skip = False
-        model.b.base_layer.weight.requires_grad_(True)
-        ys.append(model(x))
-        ys[-1].sum().backward()
-    torch.testing.assert_close(ys[0], ys[1])
-    torch.testing.assert_close(merged.b.base_layer.weight.grad, grouped.b.base_layer.weight.grad)
-    assert grouped.b._prebuilt is None
+        y = model.a(x) + 0 * model.c(x).detach()
+        model.b(x)  # in the same forward, but unused
+        y.sum().backward()
+    gm, gg = grads(merged), grads(grouped)
+    a, b, c = slice(0, 4), slice(4, 8), slice(8, 12)
+    assert all(t is None for t in gm[b] + gm[c])
+    assert all(not t.any() for t in gg[b] + gg[c])
+    assert_close_lists(gm[a], gg[a])
+
+
+def test_frozen_adapter_still_gives_the_input_its_gradient():
+    merged, grouped = toy_pair()
+    x = torch.randn(2, 12)
+    xs = []
+    for model in (merged, grouped):
+        for p in loha.trainable_parameters(model):
+            p.requires_grad_(False)
+        xi = x.clone().requires_grad_()
+        model(xi).backward()
+        xs.append(xi.grad)
+    torch.testing.assert_close(xs[0], xs[1])
+
+
+def test_chunks_keep_what_is_saved_to_the_inputs(monkeypatch):
+    """What autograd keeps between forward and backward, counted with saved_tensors_hooks: grouped saves
+    the layers' inputs and nothing of size out×in, exactly as much as merged (plus nothing)."""
+    monkeypatch.setattr(layer_module, "CPU_CHUNK_ELEMENTS", 130)  # several chunks per stack
+
+    def saved_bytes(model, x):
+        seen = {}
+
+        def pack(t):
+            if not isinstance(t, nn.Parameter):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+        y.backward()
+        return sum(seen.values())
+
+    merged, grouped = toy_pair()
+    x = torch.randn(3, 12)
+    assert saved_bytes(grouped, x) <= saved_bytes(merged, x)
+
+
+def test_stack_keeps_every_value_and_writes_through(tmp_path):
+    unet = tiny_unet(0)
+    loha.inject(unet, rank=4, stack=False)
+    randomize_adapters(unet, seed=5)
+    before = {k: v.clone() for k, v in loha.adapter_state_dict(unet).items()}
+    loha.save(unet, tmp_path / "before")
+    stacks = loha.stack(unet)
+    assert len(stacks) == 2 and len(loha.trainable_parameters(unet)) == 8
+    after = loha.adapter_state_dict(unet)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    loha.save(unet, tmp_path / "after")
+    assert (tmp_path / "before/adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "after/adapter_model.safetensors").read_bytes()
+    layer = next(iter(loha.loha_layers(unet).values()))
+    with torch.no_grad():
+        layer.hada_w1_a.fill_(0.5)  # a view: writes through to the stack
+    assert torch.all(layer._stack[0].hada_w1_a[layer._stack[1]] == 0.5)
+    loha.load(unet, tmp_path / "before")  # loading into a stacked model writes through the views too
+    assert all(torch.equal(before[k], v) for k, v in loha.adapter_state_dict(unet).items())
+    loha.unstack(unet)
+    assert len(loha.trainable_parameters(unet)) == 544
+    assert all(torch.equal(before[k], v) for k, v in loha.adapter_state_dict(unet).items())
+
+
+def test_deepcopy_and_dtype_changes_follow_the_stacks():
+    _, grouped = toy_pair()
+    twin = copy.deepcopy(grouped).double()
+    x = torch.randn(2, 12, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in loha.trainable_parameters(twin))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), grouped.double()(x))
+
+
+def test_stack_errors_and_eject():
+    model = Toy()
+    loha.inject(model, rank=2, target_modules=TARGETS)
+    with pytest.raises(loha.LoHaError, match="already stacked"):
+        loha.stack(model)
+    loha.unstack(model)
+    with pytest.raises(loha.LoHaError, match="not stacked"):
+        loha.unstack(model)
+    model.a.hada_w1_a.requires_grad_(False)
+    with pytest.raises(loha.LoHaError, match="frozen and some are not"):
+        loha.stack(model)
+    model.a.hada_w1_a.requires_grad_(True)
+    loha.stack(model)
+    assert sorted(loha.eject(model)) == sorted(TARGETS)
+    assert not any(isinstance(m, (loha.LoHaStack, loha.LoHaLayer)) for m in model.modules())
+    with pytest.raises(loha.LoHaError, match="no LoHa adapters"):
+        loha.stack(model)
+
+
+def test_nn_sequential_models_run_with_stacks():
+    """Stacks hang under their first layer, so a Sequential's forward (which calls every child) still works."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    ref = copy.deepcopy(model)
+    loha.inject(model, rank=2, target_modules=["0", "2"])
+    torch.testing.assert_close(model(torch.ones(1, 4)), ref(torch.ones(1, 4)))
+
+
+@pytest.mark.parametrize("mode", ["grouped", "merged", "bypass"])
+@pytest.mark.parametrize("stack", [False, True])
+def test_no_graph_breaks_under_compile(mode, stack):
+    """The layer compiles whole in every mode and storage (fullgraph=True raises on any graph break),
+    with eager-equal gradients (aot_eager: the graph autograd would run, without inductor's CPU codegen)."""
+    torch._dynamo.reset()
+    model = Toy()
+    loha.inject(model, rank=2, target_modules=TARGETS, forward_mode=mode, stack=stack)
+    randomize_adapters(model, seed=6)
+    x = torch.randn(2, 12)
+    model(x).backward()
+    eager = grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.compile(model, backend="aot_eager", fullgraph=True)(x).backward()
+    assert_close_lists(eager, grads(model))

@@ -81,7 +81,7 @@ def test_injected_unet_matches_a_unet_with_merged_weights(base_unet):
 
 def test_inject_errors(base_unet):
     unet = copy.deepcopy(base_unet)
-    with pytest.raises(loha.LoHaError, match=r"no module matches .*Linear modules here include: \S+"):
+    with pytest.raises(loha.LoHaError, match=r"no module matches .*Linear/Conv2d modules here include: \S+"):
         loha.inject(unet, target_modules=["to_nothing"])
     with pytest.raises(loha.LoHaError, match="not Linear|are not: .*to_out \\(ModuleList\\)"):
         loha.inject(unet, target_modules=["to_out"])
