@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 import loha
 from loha import LoHaError
 from loha import data as loha_data
+from loha import runs as loha_runs
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -65,17 +67,24 @@ def demo_defaults() -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        accelerator = start_accelerator(args)
-        data = load_training_data(args, accelerator)  # first: bad data fails before minutes of model loading
-        models = load_models(args, accelerator)
-        add_adapters(models, args)
-        cache_features(data, models, args, accelerator)
-        run = prepare_training(models, data, args, accelerator)
-        resume_from_checkpoint(run, args)
-        validate(run, args)  # before training: the baseline to compare against
-        train(run, args)
-        save_final_outputs(run, args)
-        print_summary(run, args)
+        with contextlib.ExitStack() as held:
+            accelerator = start_accelerator(args, held)  # takes the output folder's lock: one run per folder
+            resume = plan_resume(args, argv, accelerator)  # checked before anything loads or is written
+            data = load_training_data(args, accelerator)  # bad data fails before minutes of model loading
+            models = load_models(args, accelerator)
+            add_adapters(models, args)
+            cache_features(data, models, args, accelerator)
+            run = prepare_training(models, data, args, accelerator)
+            resume_from_checkpoint(run, args, resume)
+            start_logging(run, args)
+            validate(run, args)  # before training: the baseline to compare against
+            train(run, args)
+            save_final_outputs(run, args)
+            print_summary(run, args)
+    except Interrupted as e:
+        return fail(str(e), e.status)
+    except loha_runs.StopNow as e:
+        return fail(e.message, e.code)
     except LoHaError as e:
         return fail(str(e))
     except OSError as e:
@@ -85,9 +94,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def fail(message: str) -> int:
+def fail(message: str, status: int = 1) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return 1
+    return status
+
+
+class Interrupted(Exception):
+    """A SIGINT/SIGTERM stopped the run after saving a checkpoint; exits with the signal's status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 # ======================================================================================= arguments
@@ -312,10 +329,24 @@ def check_args(args):
              f"`pip install {package}`" + (" (or use --report_to none)" if package != "bitsandbytes" else ""))
     need(re.fullmatch(r"[\w.+-]+", args.output_name) is not None,
          f"--output_name must be a plain file name, got {args.output_name!r}")
+    local = args.dataset_name if args.dataset_name and Path(args.dataset_name).is_dir() else None
+    data = args.train_data_dir or local
+    if data:
+        out, src = Path(args.output_dir).resolve(), Path(data).resolve()
+        need(not (out == src or src in out.parents or out in src.parents),
+             f"--output_dir {args.output_dir} {'is' if out == src else 'overlaps'} the training data folder {data}: "
+             "its model card, samples and checkpoints would land among the training images; choose a folder "
+             "outside it")
     try:
-        args.debug_nonfinite_steps = {int(s) for s in args.debug_nonfinite_steps.split(",") if s.strip()}
-    except ValueError:
-        raise LoHaError("--debug_nonfinite_steps takes comma-separated step numbers") from None
+        if isinstance(args.debug_nonfinite_steps, str):  # (check_args runs again on a resume's adopted flags)
+            args.debug_nonfinite_steps = {int(s) for s in args.debug_nonfinite_steps.split(",") if s.strip()}
+        if isinstance(args.debug_signal_at_step, str):
+            step, _, names = args.debug_signal_at_step.partition(":")
+            signals = [getattr(signal, "SIG" + n) for n in names.split(",")] if step else None
+            args.debug_signal_at_step = (int(step), signals) if step else None
+    except (ValueError, AttributeError):
+        raise LoHaError("--debug_nonfinite_steps takes comma-separated step numbers, --debug_signal_at_step "
+                        "N:INT[,TERM...]") from None
     if args.cache_text_embeddings is None:
         args.cache_text_embeddings = not args.train_text_encoder
     if args.feature_cache_dir is None:
@@ -342,16 +373,17 @@ def check_compile_supported(args, device):
         raise LoHaError("--compile_mode reduce-overhead captures CUDA graphs and needs a CUDA device")
 
 
-def start_accelerator(args):
+def start_accelerator(args, held: contextlib.ExitStack):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     check_output_dir(args.output_dir)
+    # Each run logs into a folder of its own, so a second run's event files never mix with the first's.
+    args.run_logging_dir = os.path.join(args.output_dir, args.logging_dir, time.strftime("run-%Y%m%d-%H%M%S"))
     try:
         accelerator = Accelerator(
             mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
-            project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                                logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.run_logging_dir),
             step_scheduler_with_optimizer=False,  # one scheduler step per update, whatever the process count
             # CLIP-L's last layer feeds nothing SDXL reads (it takes the penultimate states), so its
             # adapters get no gradient; DDP must be told to expect that.
@@ -359,6 +391,15 @@ def start_accelerator(args):
     except ValueError as e:  # e.g. fp16 asked for on a machine without a GPU
         raise LoHaError(str(e).splitlines()[0]) from None
     check_compile_supported(args, accelerator.device)
+    if accelerator.is_main_process:
+        held.enter_context(loha_runs.OutputLock(args.output_dir))
+        remove_abandoned_checkpoints(args.output_dir)  # only dead runs leave them: this run holds the lock
+        out = Path(args.output_dir)
+        earlier = (out / "unet").exists() or (out / f"{args.output_name}.safetensors").exists()
+        if earlier and not args.resume_from_checkpoint:
+            print(f"note: {out} holds an earlier run's outputs; this run replaces them (its logs go to "
+                  f"{Path(args.run_logging_dir).relative_to(out)})", file=sys.stderr)
+    accelerator.wait_for_everyone()
     set_seed(args.seed)  # adapter init and dropout; data and noise use their own seeded generators
     if args.demo and "OMP_NUM_THREADS" not in os.environ:
         # The tiny model's ops are too small to split across threads: one thread is as fast on an idle
@@ -677,6 +718,7 @@ class Run:
     images_seen: int = 0
     train_seconds: float = 0.0
     adapted: int = 0  # UNet modules with an adapter
+    first_step: int = 0  # where this invocation started (after a resume: the checkpoint's step)
 
 
 def prepare_training(models: Models, data: TrainingData, args, accelerator) -> Run:
@@ -711,10 +753,14 @@ def prepare_training(models: Models, data: TrainingData, args, accelerator) -> R
     run = Run(accelerator, models, data, trained, optimizer, lr_scheduler, batches_per_epoch, updates_per_epoch,
               max_train_steps, num_epochs, params, adapted=len(loha.adapter_modules(models.unet)))
     register_checkpoint_hooks(run, args)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("loha-sdxl", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                       for k, v in vars(args).items()})
     return run
+
+
+def start_logging(run: Run, args):
+    """Trackers start only once a resume has been accepted: a refused run writes no event file."""
+    if run.accelerator.is_main_process and args.report_to != "none":
+        run.accelerator.init_trackers("loha-sdxl", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                           for k, v in settings(args).items()})
 
 
 def make_optimizer(params, lr, args):
@@ -767,39 +813,171 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resume_from_checkpoint(run: Run, args):
-    if run.accelerator.is_main_process and Path(args.output_dir).is_dir():
-        remove_abandoned_checkpoints(args.output_dir)  # every run starts here, resuming or not
+# What a resumed run may change. FIXED flags define what the saved steps already did (data, model, adapter,
+# optimizer, schedule, batch, seed, precision): a new value is refused. ADJUSTABLE ones change only what
+# happens from the resume on: a new value is applied and recorded with the step it applies from. The rest
+# are not part of a run (where it is, how it was started). Every flag is in exactly one of the three.
+RESUME_FIXED = {
+    "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant", "dataset_name",
+    "dataset_config_name", "train_data_dir", "image_column", "caption_column", "caption_extension",
+    "max_train_samples", "resolution", "center_crop", "random_flip", "enable_bucket", "caption_dropout",
+    "cache_latents", "preset", "target_modules", "rank", "alpha", "conv_rank", "conv_alpha", "use_tucker",
+    "rank_dropout", "module_dropout", "loha_forward_mode", "train_text_encoder", "prediction_type", "snr_gamma",
+    "noise_offset", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+    "lr_warmup_steps", "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "mixed_precision", "seed", "num_processes"}
+RESUME_ADJUSTABLE = {
+    "max_train_steps", "num_train_epochs", "max_grad_norm", "gradient_checkpointing", "allow_tf32", "compile",
+    "compile_mode", "compile_backend", "cache_text_embeddings", "feature_cache_dir", "dataloader_num_workers",
+    "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
+    "validation_steps", "num_validation_inference_steps", "report_to", "logging_dir", "output_name",
+    "kohya_naming"}
+NOT_RECORDED = {"resume_from_checkpoint", "output_dir", "demo", "demo_model_dir", "cache_dir",
+                "debug_nonfinite_steps", "debug_signal_at_step"}
+RUN_ARGS = "run_args.json"  # the run's flags, in every checkpoint: what a resume is checked against
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def settings(args) -> dict:
+    """The run's flags as recorded (JSON), with the flag changes made on resumes."""
+    out = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()
+           if k not in ("debug_nonfinite_steps", "debug_signal_at_step", "run_logging_dir", "flag_history")}
+    out["flag_history"] = getattr(args, "flag_history", [])
+    return out
+
+
+def explicit_flags(argv) -> set[str]:
+    """The flags given on this command line (not taken from a default)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+@dataclasses.dataclass
+class ResumePlan:
+    path: Path
+    step: int
+    factor_storage: str
+
+
+def plan_resume(args, argv, accelerator) -> ResumePlan | None:
+    """Choose and check the checkpoint before anything loads: its step and files are sound, its factor
+    layout fits this run, and every flag either matches the saved run, is taken from it (not given here),
+    is applied from this step on (and recorded), or is refused."""
+    args.flag_history = []
     if not args.resume_from_checkpoint:
-        return
+        return None
     if args.resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(args.output_dir)
         if not checkpoints:
-            log(run, f"no checkpoint in {args.output_dir} yet; starting a new run")
-            return
+            say(accelerator, f"no checkpoint in {args.output_dir} yet; starting a new run")
+            return None
         path = checkpoints[-1][1]
     else:
         path = Path(args.resume_from_checkpoint)
         if not (path / STATE_FILE).is_file():
             raise LoHaError(f"--resume_from_checkpoint {path}: "
                             + ("no such folder" if not path.exists() else f"not a checkpoint (no {STATE_FILE})"))
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        stored = state.get("factor_storage", "per-layer")  # checkpoints from before stacking: per-layer
-    except (OSError, ValueError, AttributeError) as e:
-        raise LoHaError(f"cannot resume from {path}: unreadable {STATE_FILE} ({e})") from None
+    state = read_state(path)
+    check_random_states(path, accelerator)
+    stored = state.get("factor_storage", "per-layer")  # checkpoints from before stacking: per-layer
+    saved_file = path / RUN_ARGS
+    if saved_file.is_file():
+        saved = read_json(saved_file, dict)
+        args.num_processes = accelerator.num_processes  # compared like a flag: the global batch depends on it
+        adopted, history = loha_runs.reconcile_flags(saved, args, explicit_flags(argv), RESUME_FIXED,
+                                                     RESUME_ADJUSTABLE, state["global_step"], path.name)
+        del args.num_processes
+        length = {h["flag"] for h in history} & {"max_train_steps", "num_train_epochs"}
+        if length and args.lr_scheduler not in CONSTANT_SCHEDULES:
+            flag = sorted(length)[0]
+            raise LoHaError(f"--{flag} changes the length of the {args.lr_scheduler} schedule {path.name} is part of, "
+                            f"so the steps already taken would have had other learning rates; keep --{flag} "
+                            f"{saved.get(flag)}, or start a new run")
+        check_args(args)
+        args.flag_history = list(saved.get("flag_history", [])) + history
+        if adopted:
+            say(accelerator, f"resuming {path.name} with its own " + ", ".join(
+                f"--{k} {v}" for k, v in adopted.items()) + " (not given here)")
+        for h in history:
+            say(accelerator, f"--{h['flag']} {h['value']} (was {h['was']}) applies from step {h['from_step']} on")
+    else:
+        say(accelerator, f"warning: {path.name} was written before checkpoints recorded their flags; the flags "
+                         "of this run cannot be checked against it")
     if stored != factor_storage(args):
         raise LoHaError(f"cannot resume from {path}: its optimizer state is for {stored} LoHa factors, this "
                         f"run's for {factor_storage(args)}; resume it with --loha_forward_mode "
                         f"{'grouped' if stored == 'stacked' else 'merged or bypass'}")
+    return ResumePlan(path, state["global_step"], stored)
+
+
+def check_random_states(path: Path, accelerator):
+    """accelerate's load_state skips a random-state file it cannot read (it only logs at INFO level) and
+    the run would go on with other random draws; read it first, with the same safe loader."""
+    from accelerate.utils import load
+
+    file = path / f"random_states_{accelerator.process_index}.pkl"
     try:
-        run.accelerator.load_state(str(path))
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise LoHaError(f"cannot resume from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
-    run.global_step = int(state["global_step"])
-    run.last_checkpoint = path
-    log(run, f"resumed from {path} at step {run.global_step}")
+        states = load(file)
+        ok = isinstance(states, dict) and {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states)
+    except Exception as e:  # noqa: BLE001 - torch.load's errors for a damaged file have many types
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise LoHaError(f"cannot resume from {path}: a state file is damaged ({file.name}: {reason})") from None
+    if not ok:
+        raise LoHaError(f"cannot resume from {path}: a state file is damaged ({file.name} holds no random states)")
+
+
+def read_json(file: Path, kind: type):
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise LoHaError(f"cannot resume: {file} is unreadable or not JSON ({reason})") from None
+    if not isinstance(value, kind):
+        raise LoHaError(f"cannot resume: {file} is not a JSON {'object' if kind is dict else kind.__name__}")
+    return value
+
+
+def read_state(path: Path) -> dict:
+    """training_state.json, checked: a whole number of steps, the one the folder is named after."""
+    state = read_json(path / STATE_FILE, dict)
+    step = state.get("global_step")
+    named = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise LoHaError(f"cannot resume: {path / STATE_FILE} has global_step {step!r}, not a whole number of steps "
+                        "(the checkpoint is damaged or was edited)")
+    if named is None or int(named[1]) != step:
+        raise LoHaError(f"cannot resume: {path / STATE_FILE} says step {step}, but the folder is named {path.name} "
+                        "(the checkpoint is damaged or was edited)")
+    if state.get("factor_storage", "per-layer") not in ("per-layer", "stacked"):
+        raise LoHaError(f"cannot resume: {path / STATE_FILE} has an unknown factor_storage "
+                        f"{state['factor_storage']!r}")
+    return state
+
+
+def resume_from_checkpoint(run: Run, args, plan: ResumePlan | None):
+    """Load the planned checkpoint's optimizer, scheduler, RNG and adapters; its scheduler must be at the
+    step its state file says."""
+    if plan is None:
+        return
+    try:
+        run.accelerator.load_state(str(plan.path))
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in torch.load, pickle or safetensors alike
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoHaError(f"cannot resume from {plan.path}: a state file is damaged ({reason[:200]})") from None
+    scheduled = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler).last_epoch
+    if scheduled != plan.step:
+        raise LoHaError(f"cannot resume from {plan.path}: {STATE_FILE} says step {plan.step} but its scheduler "
+                        f"state is at step {scheduled} (the checkpoint is damaged or was edited)")
+    run.global_step = plan.step
+    run.last_checkpoint = plan.path
+    log(run, f"resumed from {plan.path} at step {run.global_step}")
+
+
+def say(accelerator, message: str):
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
 
 
 def factor_storage(args) -> str:
@@ -820,10 +998,13 @@ def train(run: Run, args):
 
     accelerator = run.accelerator
     nonfinite_streak = 0
+    run.first_step = run.global_step
     for model in run.trained.values():
         model.train()
+    last = lambda name: (f"{name} again: stopped at once; the last checkpoint is "
+                         f"{run.last_checkpoint or 'none'}")
     with tqdm(total=run.max_train_steps, initial=run.global_step, desc="training", unit="step",
-              disable=not accelerator.is_main_process) as bar:
+              disable=not accelerator.is_main_process) as bar, loha_runs.GracefulStop(last) as stop:
         started = time.perf_counter()
         for batches in remaining_windows(run, args):
             ok, loss = train_one_update(run, args, batches)
@@ -850,8 +1031,28 @@ def train(run: Run, args):
                 save_checkpoint(run, args)  # never during a NaN/Inf streak: the last good one stays latest
             if run.global_step % args.validation_steps == 0:
                 validate(run, args)
+            if args.debug_signal_at_step and args.debug_signal_at_step[0] == run.global_step:
+                for sig in args.debug_signal_at_step[1]:  # fault tests: a Ctrl-C (or two) arrives here
+                    os.kill(os.getpid(), sig)
+            if stop_requested(run, stop):
+                bar.close()
+                if run.last_checkpoint is None or run.last_checkpoint.name != f"checkpoint-{run.global_step}":
+                    save_checkpoint(run, args)
+                raise Interrupted(f"{stop.requested} at step {run.global_step}: saved {run.last_checkpoint}; "
+                                  "resume with --resume_from_checkpoint latest", stop.exit_status)
             started = time.perf_counter()
     accelerator.wait_for_everyone()
+
+
+def stop_requested(run: Run, stop) -> bool:
+    """Whether any process got a stop signal: all of them stop after the same update."""
+    flag = stop.requested is not None
+    if run.accelerator.num_processes > 1:
+        votes = run.accelerator.gather(torch.tensor([float(flag)], device=run.accelerator.device))
+        if votes.max().item() > 0 and stop.requested is None:
+            stop.requested = "SIGTERM"  # a sibling process was signalled
+        return bool(votes.max().item() > 0)
+    return flag
 
 
 def remaining_windows(run: Run, args):
@@ -997,6 +1198,9 @@ def save_checkpoint(run: Run, args):
             accelerator.save_state(tmp[0])
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                recorded = {k: v for k, v in settings(args).items() if k not in NOT_RECORDED}
+                recorded["num_processes"] = accelerator.num_processes
+                (Path(tmp[0]) / RUN_ARGS).write_text(json.dumps(recorded, indent=2))
                 (Path(tmp[0]) / STATE_FILE).write_text(json.dumps({"global_step": run.global_step,
                                                                    "factor_storage": factor_storage(args)}))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, without errno
@@ -1131,8 +1335,7 @@ def save_final_outputs(run: Run, args):
                                   None if args.target_modules else loha.DEFAULT_PRESET),
                               metadata={"ss_steps": run.global_step, "ss_resolution": args.resolution,
                                         "ss_training_comment": trigger_prompt(run, args)})
-            settings = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}
-            loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings, indent=2).encode())
+            loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings(args), indent=2).encode())
             loha.atomic_write_bytes(out / "README.md", model_card(run, args).encode())
         except OSError as e:
             raise LoHaError(f"could not write the final outputs to {out}: {e.strerror or e}; the latest checkpoint "
@@ -1161,6 +1364,9 @@ def model_card(run: Run, args) -> str:
             "learning rate / schedule": f"{args.learning_rate} / {args.lr_scheduler}",
             "mixed precision": run.accelerator.mixed_precision, "seed": args.seed,
             "training images": len(run.data.samples)}
+    if getattr(args, "flag_history", None):
+        rows["changed on resume"] = "; ".join(f"from step {h['from_step']}: --{h['flag']} {h['value']} (was {h['was']})"
+                                              for h in args.flag_history)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
     return f"""---
 base_model: {base}
@@ -1190,7 +1396,12 @@ def print_summary(run: Run, args):
 
 def summary(run: Run, args) -> str:
     out = Path(args.output_dir)
-    lines = [f"trained {run.global_step} steps; wrote to {out}/:",
+    trained = run.global_step - run.first_step
+    head = (f"trained {trained} steps ({run.first_step} to {run.global_step})" if run.first_step and trained else
+            f"trained {run.global_step} steps" if trained else
+            f"nothing to train: the run is already at step {run.global_step} (--max_train_steps "
+            f"{run.max_train_steps}); raise --max_train_steps to train on. Outputs rewritten")
+    lines = [f"{head}; wrote to {out}/:",
              f"  unet/ (PEFT LoHa folder){' + text_encoder/, text_encoder_2/' if args.train_text_encoder else ''}",
              f"  {args.output_name}.safetensors (kohya/LyCORIS: ComfyUI, AUTOMATIC1111)",
              "  training_args.json, README.md"]
@@ -1199,7 +1410,8 @@ def summary(run: Run, args) -> str:
     if run.last_checkpoint:
         lines.append(f"  checkpoints: latest {run.last_checkpoint.name}")
     if args.report_to == "tensorboard":
-        lines.append(f"  logs: tensorboard --logdir {out / args.logging_dir}")
+        lines.append(f"  logs: tensorboard --logdir {out / args.logging_dir} (this run: "
+                     f"{Path(args.run_logging_dir).name})")
     if run.train_seconds:
         lines.append(f"speed: {run.images_seen / run.train_seconds:.2f} images/s")
     if run.skipped_updates:

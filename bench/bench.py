@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -168,8 +169,11 @@ def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"
             rules = PRESET[preset]
             LycorisNetwork.apply_preset({"target_module": rules["unet_target_module"],
                                          "target_name": rules["unet_target_name"], "enable_conv": rules["enable_conv"]})
-        network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, conv_lora_dim=rank,
-                                 conv_alpha=rank, network_module="loha")
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # its conv modules call .item() on a shape: real factors, under --count too
+            network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, conv_lora_dim=rank,
+                                     conv_alpha=rank, network_module="loha")
         network.apply_to()
         device = next(unet.parameters()).device
         network.to(device)  # factors stay fp32, as for the other variants
@@ -454,7 +458,8 @@ NON_LAUNCHING = {"aten.empty.memory_format", "aten.empty_strided.default", "aten
                  "aten.new_empty.default", "aten.new_empty_strided.default", "aten.detach.default",
                  "aten.lift_fresh.default", "aten._unsafe_view.default", "aten.alias.default",
                  "aten.set_.source_Storage_storage_offset", "aten.resize_.default", "prim.device.default",
-                 "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default", "aten.sym_storage_offset.default",
+                 "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
+                 "aten.sym_storage_offset.default",
                  "aten.is_same_size.default", "aten._has_compatible_shallow_copy_type.default"}
 PHASES = ("forward", "backward", "optimizer")
 
@@ -477,6 +482,8 @@ def _op_counter():
             self.by_op = {}
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "prim":  # device/shape queries FakeTensorMode routes through the dispatcher
+                return func(*args, **(kwargs or {}))
             kind = "launched" if launches(func) else "other"
             self.counts[self.phase][kind] += 1
             if kind == "launched":
@@ -488,18 +495,17 @@ def _op_counter():
 
 
 @contextlib.contextmanager
-def _real_scalar_draws():
+def _python_scalar_draws(tally: list):
     """PEFT decides module dropout with ``torch.rand(1) > p`` and a Python ``if``: a FakeTensor has no value
-    for that. Inside this context a one-element draw is made for real (and still counted), so PEFT runs
-    its true code path under FakeTensorMode."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
+    for that. Inside this context a one-element draw returns a Python float, and ``tally`` counts the draws:
+    on real tensors each is three launched ops (rand, gt, and the item() sync; the tiny-UNet count on
+    real tensors shows them), which count_variant adds back to the forward's launched ops."""
     original = torch.rand
 
     def rand(*size, **kwargs):
         if size in ((1,), ((1,),)):
-            with unset_fake_temporarily():
-                return original(*size, **kwargs)
+            tally.append(1)
+            return random.random()  # a value PEFT can branch on; FakeTensorMode has none
         return original(*size, **kwargs)
 
     torch.rand = rand
@@ -511,16 +517,20 @@ def _real_scalar_draws():
 
 @contextlib.contextmanager
 def _fake_friendly_moves():
-    """PEFT and LyCORIS call ``module.to(device)`` on modules already there; on FakeTensor parameters that
-    goes through ``swap_tensors``, which a fake tensor's weak references forbid. A move to the CPU, where
-    everything already is under our FakeTensorMode, is made a no-op here."""
+    """PEFT and LyCORIS call ``module.to(device[, dtype])`` on modules already there; on FakeTensor
+    parameters that goes through ``swap_tensors``, which a fake tensor's weak references forbid. Here a
+    move to the CPU, where everything under our FakeTensorMode already is, only changes the dtype, in place."""
     original = nn.Module.to
 
     def to(self, *args, **kwargs):
-        if not kwargs and len(args) == 1 and isinstance(args[0], (str, torch.device)) \
-                and torch.device(args[0]).type == "cpu":
-            return self
-        return original(self, *args, **kwargs)
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and device.type != "cpu":
+            return original(self, *args, **kwargs)
+        if dtype is not None:  # a dtype change in place of the swap (.data keeps the Parameter object)
+            for t in (*self.parameters(), *self.buffers()):
+                if t.is_floating_point():
+                    t.data = t.data.to(dtype)
+        return self
 
     nn.Module.to = to
     try:
@@ -544,9 +554,12 @@ def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
     unet.train()
     v = Variant(name, unet, params, make_optimizer(params, "fused"), extras)
     inputs = make_inputs(args.model, args.batch_size, args.resolution, device, dtype, args.seed)
-    scalar_draws = _real_scalar_draws() if fake is not None and name.startswith("peft") else contextlib.nullcontext()
+    draws = []
+    scalar_draws = _python_scalar_draws(draws) if fake is not None and name.startswith("peft") \
+        else contextlib.nullcontext()
     with scalar_draws:
         train_step(v, inputs, device, dtype)
+        draws.clear()
         counter = _op_counter()
         resident = {p.untyped_storage()._cdata for p in v.unet.parameters()}
         saved = {}
@@ -563,6 +576,7 @@ def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
                 out = v.unet(sample, inputs["timestep"], inputs["encoder_hidden_states"],
                              added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
             loss = torch.nn.functional.mse_loss(out.float(), inputs["target"].float())
+            counter.counts["forward"]["launched"] += 3 * len(draws)  # see _python_scalar_draws
             counter.phase = "backward"
             loss.backward()
             counter.phase = "optimizer"
@@ -615,7 +629,8 @@ def count_table(report: dict) -> str:
              + (" under FakeTensorMode" if cfg["model"] == "sdxl" else "")
              + f", grouped chunks of {report['chunk_elements']:,} elements; {report['environment']['date_utc']}; "
              f"torch {report['environment']['torch']}", "",
-             "| variant | adapted | forward ops: launched · other | backward | optimizer | extra ops per adapted layer: "
+             "| variant | adapted | forward ops: launched · other | backward | optimizer "
+             "| extra ops per adapted layer: "
              "all · launched | saved for backward MiB | vs floor MiB | optimizer tensors |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in counts.items():

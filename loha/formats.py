@@ -872,7 +872,9 @@ def _apply(entries: dict[str, ModuleWeights], model, options):
                 for param, t in zip(layer.factors(), mw.factors):
                     param.copy_(t)
                 layer.alpha = mw.alpha
-            for name in ("dora_scale", "diff", "diff_b"):
+            if mw.dora_scale is not None:  # its orientation (per output row or input column) is the file's
+                layer.dora_scale = mw.dora_scale.detach().to(torch.float32).clone()
+            for name in ("diff", "diff_b"):
                 t = getattr(mw, name)
                 if t is not None:
                     getattr(layer, name).copy_(t)

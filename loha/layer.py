@@ -54,6 +54,11 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _wide(t):
+    """t in fp32, or as it is when already fp32/fp64: the precision merges and DoRA are computed in."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _scaled(t, coef):
     """t·coef in place; no op at all for the common coef 1 (alpha = rank)."""
     return t.mul_(coef) if isinstance(coef, torch.Tensor) or coef != 1.0 else t
@@ -498,7 +503,7 @@ class LoHaLayer(AdapterLayer):
         return super().__getattr__(name)
 
     def factors_fp32(self):
-        return [f.float() if f.dtype in (torch.float16, torch.bfloat16) else f for f in self.factors()]
+        return [_wide(f) for f in self.factors()]
 
     def delta_weight(self) -> torch.Tensor:
         """scale·ΔW in fp32 (or the factors' dtype if wider), in the weight's shape, without dropout."""
@@ -506,15 +511,15 @@ class LoHaLayer(AdapterLayer):
 
     def effective_parameters(self):
         w = self.base_layer.weight
-        w32 = w.detach().float()
+        w32 = _wide(w.detach())
         if self.dora_scale is None:  # the very sum the forward builds, so a fused model computes what it did
             p1, p2 = lm.products([f.to(w.device) for f in self.factors_fp32()])
-            new = {"weight": lm.add_delta(w32.flatten(1), p1, p2, self.scale, torch.float32).view(w.shape)}
+            new = {"weight": lm.add_delta(w32.flatten(1), p1, p2, self.scale, w32.dtype).view(w.shape)}
         else:
             unscaled = w32 + lm.delta(self.factors_fp32(), self.alpha / self.rank).view(w.shape).to(w.device)
-            new = {"weight": lm.dora(unscaled, self.dora_scale.to(w.device).float(), w32, self.multiplier)}
+            new = {"weight": lm.dora(unscaled, self.dora_scale.to(w.device, w32.dtype), w32, self.multiplier)}
         if self.diff_b is not None:
-            new["bias"] = self.base_layer.bias.detach().float() + self.multiplier * self.diff_b.float()
+            new["bias"] = _wide(self.base_layer.bias.detach()) + self.multiplier * self.diff_b.to(w32.dtype)
         return new
 
     def subtracted(self):
@@ -522,9 +527,9 @@ class LoHaLayer(AdapterLayer):
             raise LoHaError("a DoRA adapter merged without keep_original=True cannot be unmerged (its change is "
                             "not a sum); reload the base model")
         w = self.base_layer.weight
-        out = {"weight": w.float() - self.delta_weight().to(w.device)}
+        out = {"weight": _wide(w) - self.delta_weight().to(w.device)}
         if self.diff_b is not None:
-            out["bias"] = self.base_layer.bias.float() - self.multiplier * self.diff_b.float()
+            out["bias"] = _wide(self.base_layer.bias) - self.multiplier * self.diff_b.to(out["weight"].dtype)
         return out
 
     def _row_scale(self):
@@ -581,12 +586,12 @@ class LoHaLayer(AdapterLayer):
         row = self._row_scale()
         coef = self.scale if self.dora_scale is None else self.alpha / self.rank
         coef = coef if row is None else (row * coef)[:, None]
-        merged = w.float() + lm.delta([f.float() for f in self.factors()], coef).view(w.shape)
+        merged = _wide(w) + lm.delta(self.factors_fp32(), coef).view(w.shape)
         if self.dora_scale is not None:
-            merged = lm.dora(merged, self.dora_scale.float(), w.float(), self.multiplier)
+            merged = lm.dora(merged, self.dora_scale.to(merged.dtype), _wide(w), self.multiplier)
         bias = self.base_layer.bias
         if self.diff_b is not None:
-            bias = bias.float() + self.multiplier * self.diff_b.float()
+            bias = _wide(bias) + self.multiplier * self.diff_b.to(merged.dtype)
         return self.op.forward(x, merged.to(x.dtype), _cast(bias, x.dtype))
 
     def extra_repr(self) -> str:
@@ -634,16 +639,16 @@ class DiffLayer(AdapterLayer):
         new = {}
         for name, d in (("weight", self.diff), ("bias", self.diff_b)):
             if d is not None:
-                base = self.base_layer._parameters[name]
-                new[name] = base.detach().float() + self.multiplier * d.to(base.device).float()
+                base = _wide(self.base_layer._parameters[name].detach())
+                new[name] = base + self.multiplier * d.to(base.device, base.dtype)
         return new
 
     def subtracted(self):
         out = {}
         for name, d in (("weight", self.diff), ("bias", self.diff_b)):
             if d is not None:
-                base = self.base_layer._parameters[name]
-                out[name] = base.float() - self.multiplier * d.to(base.device).float()
+                base = _wide(self.base_layer._parameters[name])
+                out[name] = base - self.multiplier * d.to(base.device, base.dtype)
         return out
 
     def forward(self, *args, **kwargs):

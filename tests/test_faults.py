@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from reliability import record
 
+from loha.runs import LOCK_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_loha_sdxl.py"
 INJECT = REPO / "tests" / "fault_inject.py"
@@ -159,13 +161,15 @@ def _tidy(name: str) -> str:
 
 def snapshot(directory: Path) -> dict[str, object]:
     """Every file's content; a safetensors file as (metadata, tensors), since its header's key order
-    varies from process to process."""
+    varies from process to process. run_args.json is left out: it records the run's flags, and the fault
+    tests' runs differ from the reference by the flags under test."""
     def content(p: Path):
         if p.suffix != ".safetensors":
             return p.read_bytes()
         with safetensors.safe_open(p, "pt") as f:
             return sorted((f.metadata() or {}).items()), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
-    return {str(p.relative_to(directory)): content(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): content(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != "run_args.json"}
 
 
 def complete_checkpoints(out: Path) -> list[str]:
@@ -204,7 +208,7 @@ def kill_during_checkpoint(train_env, reference, tmp_path, n: int) -> tuple[Resu
     assert latest == ["checkpoint-2"], latest
     assert not (out / "checkpoint-4").exists()
     assert not (out / "unet").exists() and not (out / "loha.safetensors").exists()
-    leftovers = sorted(_tidy(p.name) for p in out.iterdir() if p.name.startswith("."))
+    leftovers = sorted(_tidy(p.name) for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
     return killed, f"{point}: checkpoint-2 intact, latest = checkpoint-2, leftovers {leftovers or 'none'}"
 
 
@@ -263,7 +267,7 @@ def test_kill_during_final_output_write(train_env, reference, tmp_path):
     assert not (out / "loha.safetensors").exists()
     assert_same_tensors(out / "unet" / "adapter_model.safetensors",
                         reference.out / "unet" / "adapter_model.safetensors")
-    leftovers = sorted(_tidy(p.name) for p in out.iterdir() if p.name.startswith("."))
+    leftovers = sorted(_tidy(p.name) for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
     assert complete_checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     resumed = run_training(train_env, out, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -419,7 +423,7 @@ def test_disk_full_on_a_real_small_filesystem(train_env, reference, tmp_path, st
             assert_same_tensors(out / "unet" / "adapter_model.safetensors", ref / "unet" / "adapter_model.safetensors")
         elif name == "loha.safetensors":
             assert_same_tensors(out / name, ref / name)
-    leftovers = sorted(_tidy(p.name) for p in out.iterdir() if p.name.startswith("."))
+    leftovers = sorted(_tidy(p.name) for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
     record(AREA_DISK, f"real {size // 1024} KiB tmpfs, full during {stage}",
            f"exit {full.returncode}, {line!r}; checkpoint-2 intact and complete; final names present: "
            f"{final_names or 'none'} (each whole); leftovers {leftovers or 'none'}")

@@ -6,6 +6,7 @@ real subprocesses. Resolution 64 (8x8 latents) and a few steps keep each run to 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 import loha
+import loha.runs
 import train_loha_sdxl as T
 from loha import data as D
 
@@ -124,7 +126,7 @@ def test_cli_run_writes_every_output(tiny_pipeline_dir, tmp_path):
     assert not list(ckpt.glob("model*"))  # adapter only, never the frozen model
     assert_same_weights(adapter_weights(ckpt / "unet"), adapter_weights(out / "unet"))
     assert list((out / "logs").rglob("events.out.tfevents.*"))
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".loha-run.lock"]  # no temp folder left
 
 
 def test_seed_recipe_peft_loads_like_loha(tiny_pipeline_dir, tmp_path):
@@ -175,6 +177,46 @@ def test_grouped_forward_mode_trains_like_merged(tiny_pipeline_dir, tmp_path):
     assert json.loads((grouped / "training_args.json").read_text())["loha_forward_mode"] == "grouped"
 
 
+def test_full_preset_run_exports_a_kohya_file_that_reproduces_its_samples(tiny_pipeline_dir, tmp_path):
+    """--preset full --conv_rank 4 --use_tucker: the kohya file (SGM names, conv and Tucker keys) loads
+    strictly into a fresh pipeline and renders the run's own last sample grid pixel for pixel; the
+    LyCORIS-naming file does too; infer.py generates with it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import infer
+
+    prompt = "a photo of a cat"
+    extra = ["--preset", "full", "--conv_rank", "4", "--use_tucker", "--learning_rate", "2e-2",
+             "--validation_prompt", prompt, "--num_validation_images", "1", "--validation_steps", "100",
+             "--num_validation_inference_steps", "2"]
+    out = train(tiny_pipeline_dir, tmp_path, *extra, steps=2)
+    kohya = out / "loha.safetensors"
+    tensors, meta = loha.read_safetensors(kohya)
+    assert json.loads(meta["ss_network_args"]) == {"algo": "loha", "conv_alpha": "4", "conv_dim": "4",
+                                                    "preset": "full", "use_tucker": "True"}
+    assert "lora_unet_input_blocks_1_0_in_layers_2.hada_t1" in tensors  # a resnet conv, Tucker
+    assert "lora_unet_input_blocks_0_0.hada_w1_b" in tensors  # conv_in
+    grid = np.asarray(Image.open(out / "samples" / "step-2.png").convert("RGB"))
+
+    def render(adapter):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+        pipe.set_progress_bar_config(disable=True)
+        assert len(loha.load(pipe, adapter)["unet"]) == 263
+        generator = torch.Generator().manual_seed(0)
+        image = pipe(prompt, num_images_per_prompt=1, generator=generator, num_inference_steps=2,
+                     height=64, width=64).images[0]
+        return np.asarray(image)
+
+    assert np.array_equal(render(kohya), grid)
+    renamed = train(tiny_pipeline_dir, tmp_path, *extra, "--kohya_naming", "diffusers", name="renamed", steps=2)
+    names = loha.read_safetensors(renamed / "loha.safetensors")[0]
+    assert all(k.startswith("lycoris_") for k in names)
+    assert np.array_equal(render(renamed / "loha.safetensors"), grid)
+    (path,) = infer.main(["--checkpoint", str(kohya), "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+                          "--prompt", prompt, "--num_inference_steps", "2", "--output_dir", str(tmp_path / "img")])
+    assert Image.open(path).size == (64, 64)
+
+
 # ------------------------------------------------------------------------------------- resume
 def test_resume_mid_epoch_is_bitwise(tiny_pipeline_dir, tmp_path):
     """Stopped at step 3 (mid-epoch: 7 images in batches of 2, 2 per update, so 2 updates per epoch) and
@@ -213,9 +255,14 @@ def test_grouped_resume_is_bitwise_and_storage_mismatch_is_refused(tiny_pipeline
     before = {f: f.read_bytes() for f in refused.rglob("*") if f.is_file()}
     argv = base_args(tiny_pipeline_dir, refused, tmp_path / "cache", "--resume_from_checkpoint", "latest",
                      "--loha_forward_mode", "merged", steps=4)
+    fails_with(capsys, argv, "--loha_forward_mode merged differs from grouped, the value checkpoint-2 was trained "
+               "with", "drop --loha_forward_mode")
+    after = {f: f.read_bytes() for f in refused.rglob("*") if f.is_file() and f.name != loha.runs.LOCK_FILE}
+    assert after == before  # nothing written or lost (but the run's lock)
+    # checkpoints from before run_args.json: the optimizer state's layout is what stops it
+    (refused / "checkpoint-2" / T.RUN_ARGS).unlink()
     fails_with(capsys, argv, "optimizer state is for stacked LoHa factors, this run's for per-layer",
                "resume it with --loha_forward_mode grouped")
-    assert {f: f.read_bytes() for f in refused.rglob("*") if f.is_file()} == before  # nothing written or lost
     # the other way round, from a checkpoint of the code before stacking (no "factor_storage": per-layer)
     (refused / "checkpoint-2" / T.STATE_FILE).write_text('{"global_step": 2}')
     argv = base_args(tiny_pipeline_dir, refused, tmp_path / "cache", "--resume_from_checkpoint", "latest", steps=4)
@@ -305,7 +352,7 @@ def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, tmp_path):
     """The same sample, epoch 0 every time (so the same noise and timestep): 40 updates fit it."""
     args = T.parse_args(base_args(tiny_pipeline_dir, tmp_path / "out", tmp_path / "cache", "--max_train_samples",
                                   "1", "--learning_rate", "3e-2", "--cache_latents"))
-    accelerator = T.start_accelerator(args)
+    accelerator = T.start_accelerator(args, contextlib.ExitStack())
     models = T.load_models(args, accelerator)
     T.add_adapters(models, args)
     data = T.load_training_data(args, accelerator)
@@ -588,7 +635,7 @@ def test_disk_full_during_checkpoint_is_one_line_and_leaves_nothing(tiny_pipelin
     monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state_then_disk_full)
     argv = base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", "--checkpointing_steps", "1", steps=3)
     fails_with(capsys, argv, "could not write", "checkpoint-2", "No space left on device", "checkpoint-1", "intact")
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["checkpoint-1"]  # no temp folder left
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".loha-run.lock", "checkpoint-1"]  # no temp folder
     assert [p.name for _, p in T.list_checkpoints(tmp_path / "o")] == ["checkpoint-1"]
 
 
