@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import loha
+import loha.cli
+import loha.hub
 from loha.formats import COMPONENTS, PEFT_CONFIG, PEFT_WEIGHTS
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -33,47 +36,51 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class InferError(Exception):
-    """A problem with the command line or its inputs: reported as one line, exit status 1."""
+    """A problem with the inputs or while running: reported as one line, exit status 1."""
+
+
+class UsageError(InferError):
+    """A bad value on the command line: one line, exit status 2 (argparse's convention)."""
 
 
 # ------------------------------------------------------------------------------------ arguments
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise InferError(f"{message} (see python infer.py --help)")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = _OneLineParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = loha.cli.parser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="training output_dir, checkpoint-<step>/, PEFT LoHa "
-                   "folder, adapter_model.safetensors, or kohya/LyCORIS .safetensors file")
+                   "folder, adapter_model.safetensors, or kohya/LyCORIS/ComfyUI .safetensors file")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help=f"hub id or local folder; default: the checkpoint's metadata, else {DEFAULT_BASE_MODEL}")
-    p.add_argument("--vae", default=None, help="a fixed VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
-    p.add_argument("--prompt", action="append", default=[], help="repeatable")
-    p.add_argument("--prompts_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
-    p.add_argument("--negative_prompt", default=None, help="one for all prompts")
-    p.add_argument("--num_images", type=int, default=1,
-                   help="images per prompt; image i gets seed --seed + i (default %(default)s)")
-    p.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image (default %(default)s)")
-    p.add_argument("--num_inference_steps", type=int, default=30, help="sampling steps (default %(default)s)")
-    p.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (default %(default)s)")
+    p.add_argument("--vae", default=None,
+                   help="a fixed VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; default: the model's")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable; default: none (use --prompts_file)")
+    p.add_argument("--prompts_file", default=None,
+                   help="a text file with one prompt per line (blank lines skipped); default: none")
+    p.add_argument("--negative_prompt", default=None, help="one for all prompts; default: none")
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt; image i gets seed --seed + i")
+    p.add_argument("--batch_size", type=int, default=1, help="images per pipeline call")
+    p.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image")
+    p.add_argument("--num_inference_steps", type=int, default=30, help="sampling steps")
+    p.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale")
     for side in ("--height", "--width"):
-        p.add_argument(side, type=int, default=None, help="pixels, a multiple of 8; default: the model's (SDXL: 1024)")
+        p.add_argument(side, type=int, default=None,
+                       help="pixels, a multiple of 8; default: the base model's own size (SDXL base: 1024; the demo's "
+                            "tiny model: 64)")
     p.add_argument("--scheduler", default="Euler", type=scheduler_name,
-                   help=f"one of {', '.join(SCHEDULERS)} (default %(default)s; case and _/- do not matter)")
+                   help=f"one of {', '.join(SCHEDULERS)} (case and _/- do not matter)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="auto: CUDA, else MPS, else CPU")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                    help="auto: fp16 on CUDA/MPS, fp32 on CPU")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="LoHa strength (default %(default)s); 0 gives exactly the base model's image")
+    p.add_argument("--scale", type=float, default=1.0, help="LoHa strength; 0 gives exactly the base model's image")
     p.add_argument("--fuse", action="store_true", help="merge ΔW into the weights before sampling (no per-step cost)")
     p.add_argument("--compare", action="store_true",
                    help="also render the base model with the same seeds and save base | LoHa grids")
-    p.add_argument("--output_dir", default="outputs",
-                   help="PNGs go here; same names are overwritten (default %(default)s)")
-    return p.parse_args(argv)
+    p.add_argument("--output_dir", default="outputs", help="PNGs go here; same names are overwritten")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def scheduler_name(text: str) -> str:
@@ -88,13 +95,13 @@ def check_args(args) -> list[str]:
     """Everything that can be checked before loading a model. Returns the prompts."""
     for flag in ("num_images", "batch_size", "num_inference_steps"):
         if getattr(args, flag) < 1:
-            raise InferError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value is not None and (value < 8 or value % 8):
-            raise InferError(f"--{flag} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+            raise UsageError(f"--{flag} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
     if not math.isfinite(args.scale) or not math.isfinite(args.guidance_scale):
-        raise InferError("--scale and --guidance_scale must be finite numbers")
+        raise UsageError("--scale and --guidance_scale must be finite numbers")
     prompts = list(args.prompt)
     if args.prompts_file:
         try:
@@ -104,7 +111,10 @@ def check_args(args) -> list[str]:
             raise InferError(f"cannot read --prompts_file {args.prompts_file}: {reason}") from None
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise InferError("no prompts: give --prompt (repeatable) or a --prompts_file with at least one non-blank line")
+        if args.prompts_file:
+            raise InferError(f"no prompts: --prompts_file {args.prompts_file} has no non-blank line (and no --prompt "
+                             "was given)")
+        raise UsageError("no prompts: give --prompt (repeatable) or a --prompts_file with at least one non-blank line")
     return prompts
 
 
@@ -196,23 +206,28 @@ def base_model_for(args, adapter: loha.Adapter) -> str:
 
 # ------------------------------------------------------------------------------------ pipeline
 def load_pipeline(base_model: str, vae: str | None, dtype: torch.dtype):
-    import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    StableDiffusionXLPipeline = loha.hub.import_sdxl_pipeline()  # noqa: N806 - a class
+    from diffusers import AutoencoderKL
 
     for flag, name in (("--pretrained_model_name_or_path", base_model), ("--vae", vae)):
         if name and not Path(name).is_dir() and not HUB_ID.fullmatch(name):
             raise InferError(f"{flag} {name} is neither a folder here nor a hub id like org/name")
-    # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name; older releases know only it.
-    dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 42) else "torch_dtype"
     # use_safetensors: the base model, like the adapter, is never read from a pickle.
-    options = {dtype_arg: dtype, "use_safetensors": True}
+    options = {"dtype": dtype, "use_safetensors": True}
+    what, name = "the SDXL base model", base_model
     try:
         if vae:
-            options["vae"] = AutoencoderKL.from_pretrained(vae, **options)
-        return StableDiffusionXLPipeline.from_pretrained(base_model, **options)
+            what, name = "the VAE", vae
+            with loha.hub.quiet_loading(vae):
+                options["vae"] = AutoencoderKL.from_pretrained(vae, **options)
+            what, name = "the SDXL base model", base_model
+        with loha.hub.quiet_loading(base_model):
+            pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **options)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        what = f"the VAE {vae}" if vae and "vae" not in options else f"the SDXL base model {base_model}"
-        raise InferError(f"cannot load {what}: {_first_line(e)}") from None
+        raise InferError(loha.hub.load_error(what, name, e)) from None
+    if Path(base_model).is_dir():
+        pipe.set_progress_bar_config(leave=False)
+    return pipe
 
 
 def make_scheduler(name: str, config):
@@ -238,12 +253,22 @@ def make_scheduler(name: str, config):
 def render(pipe, prompt: str, negative_prompt: str | None, seeds: list[int], *, steps: int, guidance: float,
            height: int, width: int, output_type: str = "pil"):
     """One batch: one image per seed. Generators live on the CPU so a seed gives the same starting noise
-    on CUDA, MPS and CPU, and one generator per image makes an image independent of its batch."""
+    on CUDA, MPS and CPU, and one generator per image makes an image independent of its batch. Latents
+    that turn NaN/Inf stop the run before anything is decoded: such an image would be black or noise."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     n = len(seeds)
+
+    def check_latents(pipeline, step, timestep, tensors):
+        if not torch.isfinite(tensors["latents"]).all():
+            raise InferError(f"the latents became NaN/Inf at sampling step {step + 1} of {steps}: the adapter is "
+                             "broken or too strong at this --scale for this --dtype (try a lower --scale, or "
+                             "--dtype bf16/fp32); no image was written")
+        return tensors
+
     return pipe(prompt=[prompt] * n, negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
                 num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                generator=generators, output_type=output_type).images
+                generator=generators, output_type=output_type, callback_on_step_end=check_latents,
+                callback_on_step_end_tensor_inputs=["latents"]).images
 
 
 # ------------------------------------------------------------------------------------ output
@@ -282,11 +307,6 @@ def log(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 # ------------------------------------------------------------------------------------ main
 def run(args) -> list[Path]:
     prompts = check_args(args)
@@ -296,10 +316,12 @@ def run(args) -> list[Path]:
     log(f"checkpoint: {checkpoint} ({describe(adapter)})")
     base_model = base_model_for(args, adapter)
     out = Path(args.output_dir)
-    try:
+    try:  # before minutes of model loading: a folder we cannot write into fails now
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as e:
-        raise InferError(f"cannot create --output_dir {out}: {e.strerror or e}") from None
+        raise InferError(f"cannot write into --output_dir {out}: {e.strerror or e}") from None
 
     pipe = load_pipeline(base_model, args.vae, dtype)
     adapted = [getattr(pipe, c) for c in loha.load(pipe, adapter)]  # strict: a bad shape = another base model
@@ -358,6 +380,9 @@ def save_image(out: Path, image, params: dict, *, index, counts, base_image=None
 def main(argv=None) -> list[Path]:
     try:
         written = run(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (InferError, loha.LoHaError) as e:
         raise SystemExit(f"error: {e}") from None
     except torch.cuda.OutOfMemoryError:

@@ -40,7 +40,9 @@ import torch.nn.functional as F
 
 import loha
 from loha import LoHaError
+from loha import cli as loha_cli
 from loha import data as loha_data
+from loha import hub as loha_hub
 from loha import runs as loha_runs
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -108,15 +110,8 @@ class Interrupted(Exception):
 
 
 # ======================================================================================= arguments
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad flags get one line, not the whole usage text."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = loha_cli.parser(__doc__.split("\n\n")[0])
     on_off = dict(action=argparse.BooleanOptionalAction, default=False)  # --x / --no-x: demo defaults can be undone
     g = p.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
@@ -256,18 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug_nonfinite_steps", default="", help=argparse.SUPPRESS)  # fault tests: "3,4" poisons those
     p.add_argument("--debug_signal_at_step", default="", help=argparse.SUPPRESS)  # fault tests: "3:INT" signals self
     return p
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default once, at the end of its help ("default: …" written in the text is not repeated)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default:" in text or action.default is argparse.SUPPRESS:
-            return text
-        if action.default is False:
-            return f"{text} (default: off)"
-        return f"{text} (default: %(default)s)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -438,7 +421,9 @@ class Models:
 
 
 def load_models(args, accelerator) -> Models:
-    """Load every SDXL component the way a hub model is loaded; freeze them; put them on the device."""
+    """Load every SDXL component the way a hub model is loaded, in the dtype it trains in; freeze them; put
+    them on the device."""
+    loha_hub.import_sdxl_pipeline()  # first, so diffusers' imports make no torchvision notice
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -447,38 +432,38 @@ def load_models(args, accelerator) -> Models:
         from loha.tiny_sdxl import build_tiny_sdxl_pipeline
         build_tiny_sdxl_pipeline(args.pretrained_model_name_or_path)
     accelerator.wait_for_everyone()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's own VAE overflows in fp16; a fixed VAE (e.g. the fp16-fix) may use the training dtype.
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     path = args.pretrained_model_name_or_path
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    weights = dict(variant=args.variant, dtype=weight_dtype, **common)
+    what, name = "the model", path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
-        tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", variant=args.variant, **common)
+        with loha_hub.quiet_loading(path):
+            tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+            tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights)
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+            noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+            sampling_config = DDPMScheduler.load_config(path, subfolder="scheduler", **common)
+            if not args.pretrained_vae_model_name_or_path:
+                vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**weights, "dtype": vae_dtype})
         if args.pretrained_vae_model_name_or_path:
-            vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-        else:
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-        sampling_config = DDPMScheduler.load_config(path, subfolder="scheduler", **common)
+            what, name = "the VAE", args.pretrained_vae_model_name_or_path
+            with loha_hub.quiet_loading(name):
+                vae = AutoencoderKL.from_pretrained(name, cache_dir=args.cache_dir, dtype=vae_dtype)
     except (OSError, ValueError) as e:
-        raise LoHaError(f"cannot load the model {path}: {str(e).strip().splitlines()[0]}") from None
+        raise LoHaError(loha_hub.load_error(what, name, e)) from None
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     sampling_class = getattr(diffusers, sampling_config.get("_class_name", ""), diffusers.EulerDiscreteScheduler)
     sampling_scheduler = sampling_class.from_config(
         sampling_config, **({"prediction_type": args.prediction_type} if args.prediction_type else {}))
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    # SDXL's own VAE overflows in fp16; a fixed VAE (e.g. the fp16-fix) may use the training dtype.
-    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     for model in (unet, vae, text_encoder, text_encoder_2):
         model.requires_grad_(False)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=vae_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    text_encoder_2.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device)
     model_id = [path, args.revision, args.variant]
     return Models(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler,
                   sampling_scheduler, weight_dtype,

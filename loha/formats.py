@@ -27,7 +27,16 @@ import torch
 from torch import nn
 
 from . import names
-from .inject import _matches, _require_adapters, _set_module, adapter_modules, inject, loha_layers, unwrap
+from .inject import (
+    _matches,
+    _require_adapters,
+    _set_module,
+    adapter_modules,
+    inject,
+    is_text_encoder,
+    loha_layers,
+    unwrap,
+)
 from .layer import TUCKER_NAMES, AdapterLayer, DiffLayer, LoHaError, LoHaLayer, adapter_for
 
 FACTOR_NAMES = TUCKER_NAMES[:4]
@@ -719,8 +728,9 @@ def read_adapter(path, *, allow_nonfinite: bool = False, alpha: float | None = N
                 components[c], m = _read_peft_dir(path / c, allow_nonfinite)
                 meta = meta or m
             return Adapter("peft", components, meta, str(path))
-        if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
-            raise LoHaFileError(f"{path} is a base model (a diffusers pipeline folder), not an adapter; pass it as "
+        if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file() or (
+                (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model*"))):
+            raise LoHaFileError(f"{path} is a base model (a diffusers pipeline or model folder), not an adapter; pass it as "
                                 "--pretrained_model_name_or_path (loha.load(pipe, ...) takes the adapter: a "
                                 "training output folder, a PEFT LoHa folder or a .safetensors LoHa file)")
         found = sorted(p.name for p in path.iterdir())[:8]
@@ -901,6 +911,12 @@ def load(target, path, *, component: str | None = None, allow_nonfinite: bool = 
             raise LoHaFileError(f"{adapter.source} holds weights for {sorted(adapter.components)}, but one model was "
                                 f"given as {component!r}; pass the pipeline (loha.load(pipe, path)) or component=")
         models = {component: unwrap(target)}
+        text = is_text_encoder(models[component])
+        if text != (component != "unet"):
+            given = f"a text encoder ({type(models[component]).__name__})" if text else \
+                f"not a text encoder ({type(models[component]).__name__})"
+            raise LoHaFileError(f"{adapter.source} holds {component} weights, but the model given is {given}; load "
+                                "it into the matching model (component= names the part), or pass the pipeline")
     else:
         missing = [c for c in adapter.components if not isinstance(getattr(target, c, None), nn.Module)]
         if missing:

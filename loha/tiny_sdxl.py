@@ -253,7 +253,10 @@ def build_tiny_sdxl_pipeline(directory: str | Path, seed: int = 0) -> Path:
     if _read_stamp(marker) == stamp and (directory / "model_index.json").is_file():
         return directory
     marker.unlink(missing_ok=True)  # a half-written folder must not look complete
-    tiny_sdxl_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    from .hub import quiet_bars
+
+    with quiet_bars():  # a few KiB, written in milliseconds: no "Writing model shards" bars
+        tiny_sdxl_pipeline(seed).save_pretrained(directory, safe_serialization=True)
     marker.write_text(json.dumps(stamp) + "\n")
     return directory
 

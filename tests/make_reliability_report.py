@@ -24,8 +24,9 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SUITE = ["tests/test_untrusted_files.py", "tests/test_faults.py"]
-AREA_ORDER = ["kill -9", "disk full", "non-finite loss", "training data", "script inputs",
+SUITE = ["tests/test_untrusted_files.py", "tests/test_faults.py", "tests/test_run_safety.py"]
+AREA_ORDER = ["kill -9", "disk full", "non-finite loss", "training data", "script inputs", "concurrent runs",
+              "resume with changed flags", "damaged checkpoint state", "Ctrl-C and SIGTERM", "outputs over inputs",
               "untrusted adapter file", "infer.py"]
 
 

@@ -6,6 +6,8 @@ Most runs call infer.main(argv) in-process (a fresh pipeline is loaded from disk
 does); two run it as a subprocess to check the real command line, its stdout and its exit status.
 """
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -64,12 +66,16 @@ def one_image(tiny_dir, out, checkpoint, *extra, **kw) -> np.ndarray:
     return pixels(path)
 
 
-def error_of(argv) -> str:
-    """The message infer.main exits with; it must be one line and start with 'error:'."""
-    with pytest.raises(SystemExit) as exc:
+def error_of(argv, status=1) -> str:
+    """The message infer.main exits with (status 1, or 2 for a usage error, as argparse does); it must be one
+    line and start with 'error:'."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(stderr):
         infer.main(argv)
-    message = exc.value.code
-    assert isinstance(message, str) and message.startswith("error: "), message
+    code = exc.value.code
+    message = code if isinstance(code, str) else stderr.getvalue().strip()
+    assert (1 if isinstance(code, str) else code) == status, (code, message)
+    assert message.startswith("error: "), message
     assert "\n" not in message, message
     return message
 
@@ -490,17 +496,19 @@ def test_error_sd1_file_on_sdxl(files, tmp_path):
 
 
 def test_error_empty_prompt_list(files, tmp_path):
-    assert "no prompts" in error_of(["--checkpoint", str(files["kohya SGM names"])])
+    assert "no prompts" in error_of(["--checkpoint", str(files["kohya SGM names"])], status=2)
     blank = tmp_path / "prompts.txt"
     blank.write_text("\n   \n\n")
-    assert "no prompts" in error_of(["--checkpoint", str(files["kohya SGM names"]), "--prompts_file", str(blank)])
+    message = error_of(["--checkpoint", str(files["kohya SGM names"]), "--prompts_file", str(blank)])
+    assert f"no prompts: --prompts_file {blank} has no non-blank line" in message  # names the file
     assert "cannot read" in error_of(["--checkpoint", str(files["kohya SGM names"]),
                                       "--prompts_file", str(tmp_path / "missing.txt")])
 
 
 @pytest.mark.parametrize("size", [["--height", "100"], ["--width", "0"], ["--height", "-64"]])
 def test_error_bad_size(size, files):
-    assert "multiple of 8" in error_of(["--checkpoint", str(files["kohya SGM names"]), "--prompt", "x", *size])
+    assert "multiple of 8" in error_of(["--checkpoint", str(files["kohya SGM names"]), "--prompt", "x", *size],
+                                       status=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -509,9 +517,10 @@ def test_error_cuda_absent(files):
 
 
 def test_error_bad_flags(files):
-    assert "unknown scheduler" in error_of(["--checkpoint", "x", "--prompt", "x", "--scheduler", "PLMS"])
-    assert "--checkpoint" in error_of(["--prompt", "x"])
-    assert "--num_images" in error_of(["--checkpoint", "x", "--prompt", "x", "--num_images", "0"])
+    """Usage errors exit 2, as argparse's do (runtime errors exit 1)."""
+    assert "unknown scheduler" in error_of(["--checkpoint", "x", "--prompt", "x", "--scheduler", "PLMS"], status=2)
+    assert "--checkpoint" in error_of(["--prompt", "x"], status=2)
+    assert "--num_images" in error_of(["--checkpoint", "x", "--prompt", "x", "--num_images", "0"], status=2)
 
 
 # ----------------------------------------------------------------------------------- the real CLI

@@ -766,3 +766,101 @@ def test_infer_cli_refuses_bad_files(case, tmp_path, valid, tiny_pipeline_dir, p
     assert last.startswith("error: ") and expected_words.lower() in last.lower(), proc.stderr
     assert not marker.exists()
     assert not list(out.glob("*.png"))
+
+
+# ------------------------------------------------------------------- size bombs, absurd scales, ambiguity
+def _many_tiny_tensors(count: int) -> bytes:
+    header = {f"lora_unet_blocks_0_to_q_{i}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [4 * i, 4 * i + 4]}
+              for i in range(count)}
+    return raw_safetensors(header, bytes(4 * count))
+
+
+BOMBS = {  # case: (file bytes, words of the refusal)
+    "200,000 tiny tensors (a valid file)": (lambda v: _many_tiny_tensors(200_000), "refused as a size bomb"),
+    "an 85 MiB header": (lambda v: raw_safetensors(b"{" + b" " * (85 << 20) + b"}"), "refused as a size bomb"),
+}
+
+
+@pytest.mark.parametrize("case", BOMBS)
+def test_size_bombs_are_refused_from_the_header_in_well_under_a_second(case, tmp_path, valid):
+    """Bounds: 16 MiB of header and 50,000 tensors, 7-16x the largest real adapter (ComfyUI's full trainer
+    output on SDXL: about 7,000 tensors, a 1 MiB header)."""
+    make, words = BOMBS[case]
+    path = write(tmp_path / "bomb.safetensors", make(valid))
+    outcome, message, seconds = try_load(path)
+    assert outcome == "refused" and words in message and seconds < 0.5, (message, seconds)
+    record(AREA, case, f"refused in {seconds * 1e3:.0f} ms: {message}")
+
+
+def _scaled_alpha(valid, alpha, dtype=torch.float32):
+    return kohya_with(valid, {f"{name}.alpha": torch.tensor(alpha, dtype=dtype) for name in KOHYA_NAMES})
+
+
+ABSURD = {
+    "alpha 1e30 (every module)": (lambda v: _scaled_alpha(v, 1e30), "which drowns the model or overflows"),
+    "alpha 1e300 stored as F64": (lambda v: _scaled_alpha(v, 1e300, torch.float64), "drowns the model or overflows"),
+    "one module named twice (kohya and LyCORIS names)": (
+        lambda v: kohya_with(v, {f"lycoris_blocks_0_to_q.{f}": v.tensors[f"{Q}.{f}"].clone()
+                                 for f in (*FACTOR_NAMES, "alpha")}),
+        "names the module blocks.0.to_q twice"),
+}
+
+
+@pytest.mark.parametrize("case", ABSURD)
+def test_absurd_scales_and_duplicate_names_are_refused(case, tmp_path, valid):
+    make, words = ABSURD[case]
+    outcome, message, _ = try_load(write(tmp_path / "a.safetensors", make(valid)))
+    assert outcome == "refused" and words in message, message
+    record(AREA, case, f"refused: {message}")
+
+
+def test_a_strong_but_sane_scale_still_loads(tmp_path, valid):
+    """The magnitude bound refuses only the absurd: alpha 100 at rank 2 (scale 50) loads."""
+    outcome, message, _ = try_load(write(tmp_path / "s.safetensors", _scaled_alpha(valid, 100.0)))
+    assert outcome == "loaded", message
+
+
+@pytest.mark.skipif(not INFER.exists(), reason="infer.py is not written yet")
+def test_infer_writes_no_image_from_non_finite_latents(tmp_path, tiny_pipeline_dir, monkeypatch):
+    """Latents that turn NaN mid-sampling (an adapter that passes every check but blows up in this dtype)
+    stop infer.py with one line before anything is decoded or written."""
+    import infer
+
+    model = loha.tiny_sdxl.tiny_unet()
+    loha.inject(model, rank=2)
+    adapter = loha.export_kohya(model, tmp_path / "a.safetensors")
+    original = infer.load_pipeline
+
+    def blowing_up(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        calls = []
+
+        def nan_on_second_call(module, inputs, output):
+            calls.append(1)
+            return (output[0] * float("nan"),) if len(calls) == 2 else output
+
+        pipe.unet.register_forward_hook(nan_on_second_call)
+        return pipe
+
+    monkeypatch.setattr(infer, "load_pipeline", blowing_up)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--checkpoint", str(adapter), "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+                    "--prompt", "a cat", "--num_inference_steps", "3", "--output_dir", str(out)])
+    assert e.value.code.startswith("error: the latents became NaN/Inf at sampling step 2 of 3") \
+        and "no image was written" in e.value.code
+    assert not list(out.glob("*.png"))
+    record("infer.py", "latents turn NaN at sampling step 2 of 3", f"exit 1: {e.value.code}; no PNG written")
+
+
+@pytest.mark.skipif(not INFER.exists(), reason="infer.py is not written yet")
+def test_infer_checks_its_output_folder_before_loading_any_model(tmp_path, valid, monkeypatch):
+    import infer
+
+    monkeypatch.setattr(infer, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model first"))
+    (tmp_path / "file").write_text("a regular file")
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--checkpoint", str(valid.kohya), "--prompt", "x", "--output_dir", str(tmp_path / "file" / "o"),
+                    "--pretrained_model_name_or_path", str(tmp_path)])
+    assert e.value.code.startswith(f"error: cannot write into --output_dir {tmp_path / 'file' / 'o'}")
+    record("infer.py", "--output_dir that cannot be written", f"exit 1 before any model loads: {e.value.code}")
