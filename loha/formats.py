@@ -219,49 +219,67 @@ def _short_targets(model, paths) -> list[str]:
     return short if matched == set(paths) else sorted(paths)
 
 
-def _peft_incompatible(model) -> str | None:
-    kinds = [(p, m) for p, m in adapter_modules(model).items()
-             if not isinstance(m, LoHaLayer) or m.dora_scale is not None or m.diff_b is not None]
-    if kinds:
-        return (f"{kinds[0][0]} has DoRA or full differences, which PEFT's LoHa cannot hold; export it with "
-                "loha.export_kohya instead")
-    wide = {m.use_tucker for m in loha_layers(model).values()
-            if isinstance(m.base_layer, nn.Conv2d) and any(k != 1 for k in m.base_layer.kernel_size)}
+def entries_of(model) -> dict[str, ModuleWeights]:
+    """{module path: ModuleWeights} of every adapter in ``model``, detached: what every writer writes."""
+    out = {}
+    for path, layer in _require_adapters(unwrap(model)).items():
+        if isinstance(layer, LoHaLayer):
+            out[path] = ModuleWeights(tuple(f.detach() for f in layer.factors()), layer.alpha,
+                                      None if layer.dora_scale is None else layer.dora_scale.detach(), None,
+                                      None if layer.diff_b is None else layer.diff_b.detach())
+        else:
+            out[path] = ModuleWeights(None, diff=None if layer.diff is None else layer.diff.detach(),
+                                      diff_b=None if layer.diff_b is None else layer.diff_b.detach())
+    return out
+
+
+def _is_wide(model, path) -> bool:
+    module = _base_of(model.get_submodule(path))
+    return isinstance(module, nn.Conv2d) and any(k != 1 for k in module.kernel_size)
+
+
+def _peft_incompatible(model, entries) -> str | None:
+    bad = next((p for p, mw in entries.items() if mw.factors is None or mw.dora_scale is not None
+                or mw.diff_b is not None), None)
+    if bad:
+        return (f"{bad} has DoRA or full differences, which PEFT's LoHa cannot hold; write it as a kohya/LyCORIS "
+                "file instead")
+    wide = {mw.tucker for p, mw in entries.items() if _is_wide(model, p)}
     if len(wide) > 1:
-        return "this model mixes Tucker and flattened conv factors, which one PEFT config cannot describe"
+        return "these adapters mix Tucker and flattened conv factors, which one PEFT config cannot describe"
     return None
 
 
-def peft_config(model, *, base_model=None) -> dict:
-    """PEFT's LoHaConfig for the adapters in ``model`` (ranks/alphas that differ go to the patterns)."""
+def peft_config(model, entries=None, *, base_model=None, rank_dropout=0.0, module_dropout=0.0) -> dict:
+    """PEFT's LoHaConfig for these adapters (ranks/alphas that differ go to the patterns); ``model`` names
+    the modules (a live model, or a meta skeleton)."""
     model = unwrap(model)
-    _require_adapters(model)
-    layers = loha_layers(model)
-    r, rank_pattern = _common({p: m.rank for p, m in layers.items()})
-    alpha, alpha_pattern = _common({p: m.alpha for p, m in layers.items()})
-    first = next(iter(layers.values()))
+    entries = entries_of(model) if entries is None else entries
+    r, rank_pattern = _common({p: mw.rank for p, mw in entries.items()})
+    alpha, alpha_pattern = _common({p: mw.alpha for p, mw in entries.items()})
     return {
         "peft_type": "LOHA", "task_type": None, "base_model_name_or_path": base_model, "revision": None,
         "inference_mode": True, "r": r, "alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "rank_dropout": first.rank_dropout, "module_dropout": first.module_dropout,
-        "target_modules": _short_targets(model, list(layers)), "exclude_modules": None,
-        "init_weights": True, "use_effective_conv2d": any(m.use_tucker for m in layers.values()),
+        "rank_dropout": rank_dropout, "module_dropout": module_dropout,
+        "target_modules": _short_targets(model, list(entries)), "exclude_modules": None,
+        "init_weights": True, "use_effective_conv2d": any(mw.tucker for mw in entries.values()),
         "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
     }
 
 
-def save(model: nn.Module, directory, *, base_model: str | None = None, dtype=None) -> Path:
-    """Write the adapters of ``model`` as a PEFT LoHa folder (adapter_config.json +
-    adapter_model.safetensors), atomically. ``PeftModel.from_pretrained(model, directory)`` loads it."""
-    model = unwrap(model)
-    _require_adapters(model)
-    problem = _peft_incompatible(model)
+def write_peft(directory, model, entries: dict[str, ModuleWeights], *, base_model=None, dtype=None,
+               rank_dropout=0.0, module_dropout=0.0) -> Path:
+    """A PEFT LoHa folder for ``entries`` (module paths of ``model``), atomically."""
+    problem = _peft_incompatible(model, entries)
     if problem:
         raise LoHaError(problem)
-    config = peft_config(model, base_model=base_model)
-    tensors = {f"{PEFT_PREFIX}{p}.{n}": _cpu(f, dtype) for p, m in loha_layers(model).items()
-               for n, f in zip(m.factor_names, m.factors())}
+    config = peft_config(model, entries, base_model=base_model, rank_dropout=rank_dropout,
+                         module_dropout=module_dropout)
+    tensors = {}
+    for path, mw in entries.items():
+        names_ = TUCKER_NAMES if mw.tucker else FACTOR_NAMES
+        tensors.update({f"{PEFT_PREFIX}{path}.{n}": _cpu(f, dtype) for n, f in zip(names_, mw.factors)})
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
@@ -270,44 +288,92 @@ def save(model: nn.Module, directory, *, base_model: str | None = None, dtype=No
     return directory
 
 
-def kohya_state_dict(model: nn.Module, text_encoder: nn.Module | None = None,
-                     text_encoder_2: nn.Module | None = None, *, dtype=None, naming: str = "sgm"
-                     ) -> dict[str, torch.Tensor]:
-    """{name + ".hada_w1_a" ...: tensor, name + ".alpha": 0-dim tensor, ...} for every adapter: factors
-    (and hada_t1/t2), alpha, dora_scale, and diff/diff_b for full differences. ``naming`` "sgm" (kohya's
-    lora_unet_input_blocks_…, the default) or "diffusers" (LyCORIS's lycoris_down_blocks_…)."""
+def save(model: nn.Module, directory, *, base_model: str | None = None, dtype=None) -> Path:
+    """Write the adapters of ``model`` as a PEFT LoHa folder (adapter_config.json +
+    adapter_model.safetensors), atomically. ``PeftModel.from_pretrained(model, directory)`` loads it."""
+    model = unwrap(model)
+    layers = list(loha_layers(model).values())
+    first = layers[0] if layers else None
+    return write_peft(directory, model, entries_of(model), base_model=base_model, dtype=dtype,
+                      rank_dropout=getattr(first, "rank_dropout", 0.0),
+                      module_dropout=getattr(first, "module_dropout", 0.0))
+
+
+def kohya_tensors(parts, *, dtype=None, naming: str = "sgm") -> dict[str, torch.Tensor]:
+    """{name + ".hada_w1_a" ...: tensor, name + ".alpha": 0-dim tensor, ...} for ``parts``, a list of
+    (component, model that names the modules, entries): factors (and hada_t1/t2), alpha, dora_scale, and
+    diff/diff_b for full differences. ``naming`` "sgm" (kohya's lora_unet_input_blocks_…, the default) or
+    "diffusers" (LyCORIS's lycoris_down_blocks_…)."""
     if naming not in ("sgm", "diffusers"):
         raise LoHaError(f"naming must be 'sgm' or 'diffusers', got {naming!r}")
     tensors = {}
-    for component, module in (("unet", model), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        if module is None:
-            continue
-        module = unwrap(module)
-        for path, layer in _require_adapters(module).items():
-            name = names.kohya_name(component, module, path, naming)
-            if isinstance(layer, LoHaLayer):
-                for n, f in zip(layer.factor_names, layer.factors()):
-                    tensors[f"{name}.{n}"] = _cpu(f, dtype)
-                tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    for component, model, entries in parts:
+        for path, mw in entries.items():
+            name = names.kohya_name(component, model, path, naming)
+            if mw.factors is not None:
+                names_ = TUCKER_NAMES if mw.tucker else FACTOR_NAMES
+                tensors.update({f"{name}.{n}": _cpu(f, dtype) for n, f in zip(names_, mw.factors)})
+                tensors[f"{name}.alpha"] = torch.tensor(mw.alpha, dtype=torch.float32)
             for extra in ("dora_scale", "diff", "diff_b"):
-                t = getattr(layer, extra, None)
+                t = getattr(mw, extra)
                 if t is not None:
                     tensors[f"{name}.{extra}"] = _cpu(t, dtype)
     return tensors
 
 
-def network_args(layers) -> dict:
+def kohya_state_dict(model: nn.Module, text_encoder: nn.Module | None = None,
+                     text_encoder_2: nn.Module | None = None, *, dtype=None, naming: str = "sgm"
+                     ) -> dict[str, torch.Tensor]:
+    """``kohya_tensors`` of a model's (and its text encoders') live adapters."""
+    return kohya_tensors(_parts(model, text_encoder, text_encoder_2), dtype=dtype, naming=naming)
+
+
+def _parts(model, text_encoder=None, text_encoder_2=None):
+    return [(c, unwrap(m), entries_of(m)) for c, m in
+            (("unet", model), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if m is not None]
+
+
+def network_args(parts) -> dict:
     """kohya's ss_network_args for these adapters: algo, conv_dim/conv_alpha, use_tucker, dora_wd."""
     args = {"algo": "loha"}
-    wide = [m for m in layers if isinstance(m, LoHaLayer) and isinstance(m.base_layer, nn.Conv2d)
-            and any(k != 1 for k in m.base_layer.kernel_size)]
+    wide = [mw for _, model, entries in parts for p, mw in entries.items()
+            if mw.factors is not None and _is_wide(model, p)]
     if wide:
-        args["conv_dim"] = str(_common({i: m.rank for i, m in enumerate(wide)})[0])
-        args["conv_alpha"] = f"{_common({i: m.alpha for i, m in enumerate(wide)})[0]:g}"
-        args["use_tucker"] = str(any(m.use_tucker for m in wide))
-    if any(isinstance(m, LoHaLayer) and m.dora_scale is not None for m in layers):
+        args["conv_dim"] = str(_common({i: mw.rank for i, mw in enumerate(wide)})[0])
+        args["conv_alpha"] = f"{_common({i: mw.alpha for i, mw in enumerate(wide)})[0]:g}"
+        args["use_tucker"] = str(any(mw.tucker for mw in wide))
+    if any(mw.dora_scale is not None for _, _, entries in parts for mw in entries.values()):
         args["dora_wd"] = "True"
     return args
+
+
+def write_kohya(file, parts, *, base_model: str | None = None, metadata: dict | None = None, dtype=None,
+                naming: str = "sgm", preset: str | None = None) -> Path:
+    """One kohya/LyCORIS safetensors file for ``parts`` (see kohya_tensors), with kohya's metadata."""
+    tensors = kohya_tensors(parts, dtype=dtype, naming=naming)
+    every = [mw for _, _, entries in parts for mw in entries.values()]
+    lohas = [mw for mw in every if mw.factors is not None]
+    rank = _common(dict(enumerate(mw.rank for mw in lohas)))[0] if lohas else 1
+    alpha = _common(dict(enumerate(mw.alpha for mw in lohas)))[0] if lohas else 1.0
+    meta = {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_network_args": json.dumps({**network_args(parts), **({"preset": preset} if preset else {})},
+                                      sort_keys=True),
+        "ss_sd_model_name": base_model or "",
+        "loha.base_model": base_model or "",
+    }
+    unet = next((m for c, m, _ in parts if c == "unet"), None)
+    if unet is not None and names.is_sdxl_unet(unet):
+        meta.update({"ss_base_model_version": "sdxl_base_v1-0", "modelspec.sai_model_spec": "1.0.0",
+                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                     "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(file, safetensors_bytes(tensors, meta))
+    return file
 
 
 def export_kohya(model: nn.Module, file, text_encoder: nn.Module | None = None,
@@ -319,30 +385,8 @@ def export_kohya(model: nn.Module, file, text_encoder: nn.Module | None = None,
     LyCORIS's lycoris_down_blocks_1_…); any other model plain lora_unet_<path>. ``preset`` (the LyCORIS
     preset the adapters came from) goes into ``ss_network_args`` with conv_dim/conv_alpha/use_tucker.
     """
-    tensors = kohya_state_dict(model, text_encoder, text_encoder_2, dtype=dtype, naming=naming)
-    layers = [m for module in (model, text_encoder, text_encoder_2) if module is not None
-              for m in adapter_modules(module).values()]
-    lohas = [m for m in layers if isinstance(m, LoHaLayer)] or layers
-    rank = _common({i: getattr(m, "rank", 1) for i, m in enumerate(lohas)})[0]
-    alpha = _common({i: getattr(m, "alpha", 1.0) for i, m in enumerate(lohas)})[0]
-    meta = {
-        "ss_network_module": "lycoris.kohya",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": f"{alpha:g}",
-        "ss_network_args": json.dumps({**network_args(layers), **({"preset": preset} if preset else {})},
-                                      sort_keys=True),
-        "ss_sd_model_name": base_model or "",
-        "loha.base_model": base_model or "",
-    }
-    if names.is_sdxl_unet(unwrap(model)):
-        meta.update({"ss_base_model_version": "sdxl_base_v1-0", "modelspec.sai_model_spec": "1.0.0",
-                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-                     "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(file, safetensors_bytes(tensors, meta))
-    return file
+    return write_kohya(file, _parts(model, text_encoder, text_encoder_2), base_model=base_model,
+                       metadata=metadata, dtype=dtype, naming=naming, preset=preset)
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -730,8 +774,8 @@ def read_adapter(path, *, allow_nonfinite: bool = False, alpha: float | None = N
             return Adapter("peft", components, meta, str(path))
         if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file() or (
                 (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model*"))):
-            raise LoHaFileError(f"{path} is a base model (a diffusers pipeline or model folder), not an adapter; pass it as "
-                                "--pretrained_model_name_or_path (loha.load(pipe, ...) takes the adapter: a "
+            raise LoHaFileError(f"{path} is a base model (a diffusers pipeline or model folder), not an adapter; "
+                                "pass it as --pretrained_model_name_or_path (loha.load(pipe, ...) takes the adapter: a "
                                 "training output folder, a PEFT LoHa folder or a .safetensors LoHa file)")
         found = sorted(p.name for p in path.iterdir())[:8]
         raise LoHaFileError(f"{path} holds no adapter: expected {PEFT_CONFIG} + {PEFT_WEIGHTS} or a unet/ "

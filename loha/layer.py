@@ -35,13 +35,14 @@ FORWARD_MODES = ("grouped", "merged", "bypass")
 INIT_SCHEMES = ("lycoris", "peft")
 FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER_NAMES = (*FACTOR_NAMES, "hada_t1", "hada_t2")
+STACK_NAMES = ("hada_a", "hada_b", "hada_t")  # a LoHaStack's Parameters: both halves of each factor, paired
 
 # A grouped build works on chunks of same-shape layers of about this many weight elements. On CPU
-# 2^16 (256 KiB fp32), so the working set stays in L2 (BENCHMARKS.md §2); on GPU 2^24, so a chunk of
-# 1280×1280 SDXL layers is 10 layers (about 20 launched ops per chunk, fewer than 2 per layer) while
-# the transient memory of the one or two chunks in flight stays near 200 MiB.
+# 2^16 (256 KiB fp32), so the working set stays in L2 (BENCHMARKS.md §2); on GPU 2^25, so a chunk of
+# 1280×1280 SDXL layers is 20 layers and the 10240×1280 GEGLU projections 2 (about 14 launched ops a
+# chunk), while what a chunk holds in flight in backward (W+ΔW, P1 and P2 in fp32, G) stays near 0.5 GiB.
 CPU_CHUNK_ELEMENTS = 1 << 16
-GPU_CHUNK_ELEMENTS = 1 << 24
+GPU_CHUNK_ELEMENTS = 1 << 25
 CACHED_CHUNKS = 2  # chunks of built weights kept in flight per stack, forward and backward alike
 
 
@@ -198,12 +199,16 @@ class _Build:
                 and self.versions == [p._version for p in self.params])
 
     def _build(self, c):
-        """(W + ΔW in the compute dtype, P1, P2) for chunk ``c``: flat, (n, out, in·k)."""
+        """(W + ΔW in the compute dtype, (P1, P2) paired) for chunk ``c``: flat, (n, out, in·k) and (n, 2, …):
+        the stack holds both halves side by side, so one matmul (or one Tucker chain) builds both."""
         sl = self.chunks[c]
-        weights = torch.stack([w.flatten(1) for w in self.weights[sl]])
-        p1, p2 = lm.products([f[sl] for f in self.params])
+        if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
+            weights = self.weights[sl.start].flatten(1).unsqueeze(0)
+        else:
+            weights = torch.stack([w.flatten(1) for w in self.weights[sl]])
+        pair = lm.half(*(f[sl] for f in self.params))
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
-        return lm.add_delta(weights, p1, p2, coef, self.dtype), p1, p2
+        return lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype), pair
 
     @staticmethod
     def _cached(cache, c, make):
@@ -246,13 +251,16 @@ class _Build:
         sl, deposits = self.chunks[c], self.deposits[c]
         if not deposits:
             return
-        _, p1, p2 = self.backward_cache.pop(c, None) or self._build(c)
+        _, pair = self.backward_cache.pop(c, None) or self._build(c)
         present = next(iter(deposits.values()))
-        zero = None if len(deposits) == sl.stop - sl.start else present.new_zeros(()).expand_as(present)
-        g = torch.stack([deposits.get(i, zero) for i in range(sl.start, sl.stop)])
-        g = g if g.dtype == p1.dtype else g.to(p1.dtype)
+        if sl.stop - sl.start == 1:
+            g = present.unsqueeze(0)
+        else:
+            zero = None if len(deposits) == sl.stop - sl.start else present.new_zeros(()).expand_as(present)
+            g = torch.stack([deposits.get(i, zero) for i in range(sl.start, sl.stop)])
+        g = g if g.dtype == pair.dtype else g.to(pair.dtype)
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
-        grads = lm.factor_grads(g, [f[sl] for f in self.params], p1, p2, coef)
+        grads = lm.pair_grads(g, pair, *(f[sl] for f in self.params), coef=coef)
         old = self.pieces[c]
         self.pieces[c] = grads if old is None else [a + b for a, b in zip(old, grads)]
         self.deposits[c] = {}
@@ -487,8 +495,18 @@ class LoHaLayer(AdapterLayer):
         if stack is None:
             p = self._parameters
             return tuple(p[n] for n in self.factor_names)
-        params, i = stack[0].factors(), stack[1]
-        return tuple(p[i] for p in params)
+        return stack[0].layer_factors(stack[1])
+
+    def factor_gradients(self):
+        """This layer's factor gradients in file order (slices of its stack's gradients when stacked), None
+        where there is none."""
+        stack = self.__dict__.get("_stack")
+        if stack is None:
+            return tuple(f.grad for f in self.factors())
+        grads = [p.grad for p in stack[0].factors()]
+        if any(g is None for g in grads):
+            return (None,) * len(self.factor_names)
+        return stack[0].layer_factors(stack[1], grads)
 
     def _storage(self):
         """The Parameters that hold the factors: this layer's, or its LoHaStack's."""
@@ -667,11 +685,12 @@ def adapter_for(module: nn.Module) -> type[LoHaLayer] | None:
 
 
 class LoHaStack(nn.Module):
-    """The factors of L LoHa layers of one kind, shape, rank, layout and factor dtype as stacked (L, ·, ·)
-    Parameters (``loha.stack`` or ``loha.inject(stack=True)`` make them). The layers keep reading and writing
-    their factors, as views of their slice; ``parameters()``, optimizers, DDP and gradient clipping see four
-    (six with Tucker) tensors per shape instead of four per layer. In ``forward_mode="grouped"`` the stack's
-    build takes them as they are and autograd accumulates one gradient per stacked tensor."""
+    """The factors of L LoHa layers of one kind, shape, rank, layout and factor dtype, stacked (``loha.stack``
+    or ``loha.inject(stack=True)`` make them), with the two Hadamard halves side by side: ``hada_a``
+    (L, 2, out, r) holds every W1a and W2a, ``hada_b`` (L, 2, r, in·k) every W1b and W2b (Tucker: (L, 2, r, out),
+    (L, 2, r, in) and ``hada_t`` (L, 2, r, r, kh, kw)). The layers keep reading and writing their factors, as
+    views of their slice; ``parameters()``, optimizers, DDP and gradient clipping see two (three) tensors per
+    shape instead of four (six) per layer, and a grouped build makes both halves with one matmul."""
 
     def __init__(self, layers: list[LoHaLayer]):
         super().__init__()
@@ -680,22 +699,30 @@ class LoHaStack(nn.Module):
             raise LoHaError("some of these adapters' factors are frozen and some are not; stack them with "
                             "the same requires_grad")
         trainable = needs.pop()
-        names = layers[0].factor_names
+        tucker = layers[0].use_tucker
         with torch.no_grad():
-            for k, name in enumerate(names):
-                stacked = torch.stack([m.factors()[k] for m in layers])
+            # in file order (w1a, w1b, w2a, w2b, t1, t2): a pairs (w1a, w2a), b (w1b, w2b), t (t1, t2)
+            for name, (first, second) in zip(STACK_NAMES[:3 if tucker else 2], ((0, 2), (1, 3), (4, 5))):
+                stacked = torch.stack([torch.stack([m.factors()[first], m.factors()[second]]) for m in layers])
                 self.register_parameter(name, nn.Parameter(stacked, requires_grad=trainable))
-        self.__dict__["factor_names"] = names
+        self.__dict__["factor_names"] = layers[0].factor_names
         self.__dict__["layers"] = list(layers)  # plain references: the layers live in the model's tree
         self.__dict__["_build"] = None
         for i, m in enumerate(layers):
-            for name in names:
+            for name in m.factor_names:
                 del m._parameters[name]
             m.__dict__["_stack"] = (self, i)
 
     def factors(self):
+        """The stacked Parameters: (hada_a, hada_b) or (hada_a, hada_b, hada_t)."""
         p = self._parameters
-        return tuple(p[n] for n in self.factor_names)
+        return tuple(p[n] for n in STACK_NAMES if n in p)
+
+    def layer_factors(self, i, tensors=None):
+        """Layer ``i``'s factors in file order (w1a, w1b, w2a, w2b[, t1, t2]) as views of ``tensors``
+        (default: the stacked Parameters; their gradients give the layer's gradients)."""
+        a, b, *t = self.factors() if tensors is None else tensors
+        return (a[i, 0], b[i, 0], a[i, 1], b[i, 1], *((t[0][i, 0], t[0][i, 1]) if t else ()))
 
     def build_for(self, layer, slot, dtype) -> _Build:
         build = self.__dict__["_build"]
@@ -713,9 +740,9 @@ class LoHaStack(nn.Module):
 
     def unstack(self):
         """Give every layer its own Parameters again (copies of its slice), and forget the layers."""
+        trainable = self.factors()[0].requires_grad
         for m in self.layers:
-            params = [nn.Parameter(f.detach().clone(), requires_grad=s.requires_grad)
-                      for f, s in zip(m.factors(), self.factors())]
+            params = [nn.Parameter(f.detach().clone(), requires_grad=trainable) for f in m.factors()]
             m.__dict__["_stack"] = None
             for name, param in zip(self.factor_names, params):
                 m.register_parameter(name, param)
@@ -724,4 +751,5 @@ class LoHaStack(nn.Module):
 
     def extra_repr(self) -> str:
         shape = tuple(self.layers[0].base_layer.weight.shape) if self.layers else ()
-        return f"layers={len(self.layers)}, weight_shape={shape}, rank={self._parameters['hada_w1_b'].shape[1]}"
+        rank = self._parameters["hada_b"].shape[2]
+        return f"layers={len(self.layers)}, weight_shape={shape}, rank={rank}"

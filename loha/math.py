@@ -69,6 +69,17 @@ def factor_grads(g, factors, p1, p2, coef=1.0):
     return grads if t1 is None else (*grads, first[2], second[2])
 
 
+def pair_grads(g, p, a, b, t=None, coef=1.0):
+    """The gradients of paired halves (the stacked storage: index 0 of dim -3 is half 1, index 1 half 2, so
+    one matmul serves both) from G; p = (P1, P2) stacked the same way. Returns (∂A, ∂B) or (∂A, ∂B, ∂T)."""
+    if isinstance(coef, torch.Tensor) or coef != 1.0:
+        g = g * coef
+    dp = torch.empty_like(p)
+    torch.mul(p[..., 1, :, :], g, out=dp[..., 0, :, :])  # ∂P1 = coef·G ⊙ P2
+    torch.mul(p[..., 0, :, :], g, out=dp[..., 1, :, :])  # ∂P2 = coef·G ⊙ P1
+    return half_grads(dp, a, b, t)
+
+
 def dora(merged, dora_scale, weight, multiplier=1.0):
     """DoRA on a merged weight V = W + ΔW (any shape): D(V) = V·m/‖V‖, with the norm per output row when
     ``dora_scale`` is (out, 1, …) (LyCORIS ``wd_on_output``) or per input column when it is (1, in, …).
