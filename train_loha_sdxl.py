@@ -362,7 +362,12 @@ def start_accelerator(args, held: contextlib.ExitStack):
 
     check_output_dir(args.output_dir)
     # Each run logs into a folder of its own, so a second run's event files never mix with the first's.
-    args.run_logging_dir = os.path.join(args.output_dir, args.logging_dir, time.strftime("run-%Y%m%d-%H%M%S"))
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    args.run_logging_dir = os.path.join(args.output_dir, args.logging_dir, stamp)
+    for n in range(2, 1000):  # two runs in one second still log apart
+        if not os.path.exists(args.run_logging_dir):
+            break
+        args.run_logging_dir = os.path.join(args.output_dir, args.logging_dir, f"{stamp}-{n}")
     try:
         accelerator = Accelerator(
             mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,

@@ -19,7 +19,7 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -156,20 +156,41 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
+@dataclass
+class Lazy:
+    """A tensor to write that is made only when its bytes are written (its dtype and shape known before)."""
+    dtype: torch.dtype
+    shape: tuple
+    make: object  # () -> torch.Tensor
+
+    def __call__(self) -> torch.Tensor:
+        t = self.make()
+        if t.dtype != self.dtype or tuple(t.shape) != tuple(self.shape):
+            raise LoHaError(f"internal: a tensor came out {t.dtype} {list(t.shape)}, announced as {self.dtype} "
+                            f"{list(self.shape)}")
+        return t
+
+
 def _layout(tensors: dict, metadata: dict | None) -> tuple[bytes, list[str]]:
     """The header (keys and metadata sorted, padded to 8 bytes) and the tensor order it describes."""
     specs, offset = {}, 0
     for name in sorted(tensors):
-        t = tensors[name]() if callable(tensors[name]) else tensors[name]
-        if t.dtype not in DTYPE_NAMES:
-            raise LoHaError(f"cannot write {name}: dtype {t.dtype} has no safetensors name")
-        size = t.numel() * t.element_size()
-        specs[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        t = tensors[name]
+        dtype, shape = (t.dtype, tuple(t.shape)) if isinstance(t, (torch.Tensor, Lazy)) else _made(t)
+        if dtype not in DTYPE_NAMES:
+            raise LoHaError(f"cannot write {name}: dtype {dtype} has no safetensors name")
+        size = math.prod(shape) * dtype.itemsize
+        specs[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header = {"__metadata__": dict(sorted(metadata.items())), **specs} if metadata else specs
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, list(specs)
+
+
+def _made(make) -> tuple:
+    t = make()
+    return t.dtype, tuple(t.shape)
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -182,8 +203,8 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 def write_safetensors(dest, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     """``safetensors_bytes`` streamed to ``dest`` atomically, one tensor at a time: ``tensors`` maps names to
-    tensors or to zero-argument callables that make one (each is called twice: for the header, then
-    for its bytes), so a whole checkpoint is never in memory at once."""
+    tensors, to ``Lazy`` entries, or to zero-argument callables that make one (called twice: for the header,
+    then for its bytes), so a whole checkpoint is never in memory at once."""
     header, order = _layout(tensors, metadata)
     with atomic_file(dest) as f:
         f.write(header)
@@ -525,6 +546,7 @@ class Adapter:
     components: dict
     metadata: dict
     source: str
+    named: bool = True  # False: a one-model PEFT folder/file, whose part is the model it is loaded into
 
     @property
     def base_model(self) -> str | None:
@@ -764,7 +786,8 @@ def read_adapter(path, *, allow_nonfinite: bool = False, alpha: float | None = N
     if is_dir:
         if (path / PEFT_CONFIG).is_file() or (path / PEFT_WEIGHTS).is_file():
             modules, meta = _read_peft_dir(path, allow_nonfinite)
-            return Adapter("peft", {"unet": modules}, meta, str(path))
+            named = path.name in COMPONENTS
+            return Adapter("peft", {path.name if named else "unet": modules}, meta, str(path), named)
         subdirs = [c for c in COMPONENTS if (path / c).is_dir()]
         if subdirs and not (path / "model_index.json").is_file():
             components, meta = {}, {}
@@ -787,7 +810,8 @@ def read_adapter(path, *, allow_nonfinite: bool = False, alpha: float | None = N
         sibling = path.parent / PEFT_CONFIG
         config = _read_peft_config(sibling) if sibling.is_file() else None
         modules, meta = _read_peft(path, config, allow_nonfinite, alpha)
-        return Adapter("peft", {"unet": modules}, meta, str(path))
+        named = path.parent.name in COMPONENTS
+        return Adapter("peft", {path.parent.name if named else "unet": modules}, meta, str(path), named)
     return _read_kohya(path, allow_nonfinite)
 
 
@@ -947,6 +971,11 @@ def load(target, path, *, component: str | None = None, allow_nonfinite: bool = 
     """
     adapter = path if isinstance(path, Adapter) else read_adapter(path, allow_nonfinite=allow_nonfinite, alpha=alpha)
     if isinstance(target, nn.Module):
+        if not adapter.named:  # one model's PEFT weights: they belong to whatever part they are loaded into
+            component = component or ("text_encoder" if is_text_encoder(unwrap(target)) else "unet")
+            adapter = replace(adapter, components={component: next(iter(adapter.components.values()))})
+        elif component is None and len(adapter.components) == 1:
+            component = next(iter(adapter.components))
         component = component or "unet"
         if component not in COMPONENTS:
             raise LoHaError(f"component must be one of {COMPONENTS}, got {component!r}")

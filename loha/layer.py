@@ -155,10 +155,10 @@ class _Build:
         self.stack, self.layers, self.dtype = stack, layers, dtype
         self.params = stack.factors()
         self.grad = torch.is_grad_enabled()
-        self.versions = [p._version for p in self.params]
+        self.version = self._factor_version()
         self.weights = [m._base_weight() for m in layers]
+        self.flat = [w if w.dim() == 2 else w.flatten(1) for w in self.weights]
         self.weight_versions = [w._version for w in self.weights]
-        self.pointers = [w.untyped_storage()._cdata for w in self.weights]  # a swapped .data too
         self.scales = [m.scale for m in layers]
         self.training = [m.training for m in layers]
         self.used = [False] * len(layers)
@@ -190,56 +190,71 @@ class _Build:
                                        for m, d in zip(layers, dropping)])[:, :, None]
         return coef.contiguous()
 
-    def accepts(self, layer, slot, dtype) -> bool:
-        return (not self.used[slot] and not self.backward_started and self.dtype == dtype
-                and self.grad == torch.is_grad_enabled() and self.scales[slot] == layer.scale
-                and self.training[slot] == layer.training and self.weights[slot] is layer._base_weight()
-                and self.weight_versions[slot] == self.weights[slot]._version
-                and self.pointers[slot] == self.weights[slot].untyped_storage()._cdata
-                and self.versions == [p._version for p in self.params])
+    def _factor_version(self) -> int:
+        # version counters only grow: their sum is unchanged exactly when none of them changed
+        return sum(p._version for p in self.params)
+
+    def accepts(self, layer, slot, dtype, weight) -> bool:
+        return (not self.used[slot] and not self.backward_started and self.dtype is dtype
+                and self.grad is torch.is_grad_enabled() and self.scales[slot] == layer.scale
+                and self.training[slot] is layer.training and self.weights[slot] is weight
+                and self.weight_versions[slot] == weight._version and self.version == self._factor_version())
 
     def _build(self, c):
         """(W + ΔW in the compute dtype, (P1, P2) paired) for chunk ``c``: flat, (n, out, in·k) and (n, 2, …):
         the stack holds both halves side by side, so one matmul (or one Tucker chain) builds both."""
         sl = self.chunks[c]
         if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
-            weights = self.weights[sl.start].flatten(1).unsqueeze(0)
+            weights = self.flat[sl.start].unsqueeze(0)
         else:
-            weights = torch.stack([w.flatten(1) for w in self.weights[sl]])
+            weights = torch.stack(self.flat[sl])
         pair = lm.half(*(f[sl] for f in self.params))
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         return lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype), pair
 
     @staticmethod
-    def _cached(cache, c, make):
-        if c not in cache:
-            if len(cache) >= CACHED_CHUNKS:
-                del cache[next(iter(cache))]
-            cache[c] = make(c)
-        return cache[c]
+    def _evict(cache):
+        if len(cache) >= CACHED_CHUNKS:
+            del cache[next(iter(cache))]
+
+    def _weight(self, built, slot, c):
+        w = built[slot - self.chunks[c].start]
+        shape = self.weights[slot].shape
+        return w if len(shape) == 2 else w.view(shape)
 
     def forward_weight(self, slot):
         self.used[slot] = True
         c = slot // self.chunk
-        built = self._cached(self.forward_cache, c, lambda c: self._build(c)[0])
-        self.forward_left[c] -= 1
+        built = self.forward_cache.get(c)
+        if built is None:
+            self._evict(self.forward_cache)
+            built = self.forward_cache[c] = self._build(c)[0]
+        left = self.forward_left[c] = self.forward_left[c] - 1
         if self.grad:
             self.expected[c] += 1
-        if self.forward_left[c] == 0:
-            self.forward_cache.pop(c, None)
-        return built[slot - self.chunks[c].start].view(self.weights[slot].shape)
+        if left == 0:
+            del self.forward_cache[c]
+        return self._weight(built, slot, c)
 
     def backward_weight(self, slot):
         if not self.backward_started:
             self.backward_started = True
             self.forward_cache.clear()
-        if self.versions != [p._version for p in self.params] or \
-                self.weight_versions[slot] != self.weights[slot]._version:
-            raise RuntimeError("a LoHa factor or base weight was modified in place between the forward and the "
-                               "backward (e.g. optimizer.step() before loss.backward()); run backward first")
+        if self.weight_versions[slot] != self.weights[slot]._version:
+            self._modified()
         c = slot // self.chunk
-        built = self._cached(self.backward_cache, c, self._build)[0]
-        return built[slot - self.chunks[c].start].view(self.weights[slot].shape)
+        cached = self.backward_cache.get(c)
+        if cached is None:
+            if self.version != self._factor_version():
+                self._modified()
+            self._evict(self.backward_cache)
+            cached = self.backward_cache[c] = self._build(c)
+        return self._weight(cached[0], slot, c)
+
+    @staticmethod
+    def _modified():
+        raise RuntimeError("a LoHa factor or base weight was modified in place between the forward and the "
+                           "backward (e.g. optimizer.step() before loss.backward()); run backward first")
 
     def deposit(self, slot, g):
         c = slot // self.chunk
@@ -306,7 +321,7 @@ class _GroupedLayerFunction(torch.autograd.Function):
         weight = build.forward_weight(slot)
         ctx.save_for_backward(x)
         ctx.build, ctx.slot, ctx.op, ctx.has_bias = build, slot, op, bias is not None
-        return op.forward(x, weight, _cast(bias, x.dtype))
+        return op.forward(x, weight, bias if bias is None or bias.dtype is x.dtype else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
@@ -576,21 +591,25 @@ class LoHaLayer(AdapterLayer):
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # compute in autocast's dtype, as the layer it replaces would
             with torch.autocast(dev, enabled=False):
-                return self._compute(x.to(torch.get_autocast_dtype(dev)))
+                return self._compute(_cast(x, torch.get_autocast_dtype(dev)))
         return self._compute(x)
 
     # The per-call paths read parameters from the module dicts directly: nn.Module.__getattr__ costs about
     # half a microsecond a lookup, and small layers are dispatch-bound (BENCHMARKS.md).
     def _compute(self, x):
-        base = self._modules["base_layer"]._parameters
-        if self.dora_scale is not None or self.diff_b is not None:
+        d = self.__dict__
+        base = d["_modules"]["base_layer"]._parameters
+        buffers = d["_buffers"]
+        if buffers["dora_scale"] is not None or buffers["diff_b"] is not None:
             return self._plain_forward(x)
-        if self.groupable():
-            stack, slot = self.__dict__["_stack"]
-            build = stack.build_for(self, slot, x.dtype)
+        stack, weight = d["_stack"], base["weight"]
+        if stack is not None and d["_forward_mode"] == "grouped" and not weight.requires_grad \
+                and not torch.compiler.is_compiling():
+            build = stack[0].build_for(self, stack[1], x.dtype, weight)
+            bias = base["bias"]
             if build.grad:
-                return _GroupedLayerFunction.apply(x, build.token, base["bias"], build, slot, self.op)
-            return self.op.forward(x, build.forward_weight(slot), _cast(base["bias"], x.dtype))
+                return _GroupedLayerFunction.apply(x, build.token, bias, build, stack[1], self.op)
+            return self.op.forward(x, build.forward_weight(stack[1]), _cast(bias, x.dtype))
         row = self._row_scale()
         coef = self.scale if row is None else (row * self.scale)[:, None]
         args = (base["weight"], base["bias"], coef, self._forward_mode != "bypass", self.op, *self.factors())
@@ -724,9 +743,9 @@ class LoHaStack(nn.Module):
         a, b, *t = self.factors() if tensors is None else tensors
         return (a[i, 0], b[i, 0], a[i, 1], b[i, 1], *((t[0][i, 0], t[0][i, 1]) if t else ()))
 
-    def build_for(self, layer, slot, dtype) -> _Build:
+    def build_for(self, layer, slot, dtype, weight) -> _Build:
         build = self.__dict__["_build"]
-        if build is None or not build.accepts(layer, slot, dtype):
+        if build is None or not build.accepts(layer, slot, dtype, weight):
             build = self.__dict__["_build"] = _Build(self, dtype)
         return build
 

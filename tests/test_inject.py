@@ -45,7 +45,7 @@ def test_inject_is_exact_at_init_freezes_base_and_ejects_identically(base_unet):
     assert sorted(paths) == sorted(originals)
     assert torch.equal(run_unet(unet, inputs), before)
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    assert trainable and all(n.rsplit(".", 1)[1].startswith("hada_w") for n in trainable)
+    assert trainable and all(n.endswith((".loha_stack.hada_a", ".loha_stack.hada_b")) for n in trainable)
     assert {id(p) for p in loha.trainable_parameters(unet)} == {id(p) for p in unet.parameters() if p.requires_grad}
     assert sorted(loha.eject(unet)) == sorted(paths)
     assert all(unet.get_submodule(p) is m for p, m in originals.items())
