@@ -25,5 +25,5 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def parser(description: str) -> Parser:
-    return Parser(description=description, formatter_class=HelpFormatter)
+def parser(description: str, prog: str | None = None) -> Parser:
+    return Parser(description=description, formatter_class=HelpFormatter, prog=prog)

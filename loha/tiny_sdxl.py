@@ -216,9 +216,12 @@ def tiny_unet(seed: int = 0):
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """The tiny ``StableDiffusionXLPipeline`` in memory: seeded random weights, fp32."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    from .hub import import_sdxl_pipeline
+
+    StableDiffusionXLPipeline = import_sdxl_pipeline()
     tokenizer = tiny_clip_tokenizer()
     tokenizer_2 = tiny_clip_tokenizer(pad_token="!")  # as SDXL's second tokenizer
     with torch.random.fork_rng(devices=[]):

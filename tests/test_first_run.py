@@ -66,6 +66,8 @@ def test_the_package_installs_loha_and_nothing_else(tmp_path):
     canonical = lambda spec: re.sub(r"\s+", "", spec).lower().split(";")[0]
     assert sorted(map(canonical, required)) == sorted(map(canonical, _reordered(listed)))
     assert re.fullmatch(r"\d+\.\d+\.\d+", loha.__version__)
+    entry_points = zipfile.ZipFile(wheel).read(f"loha_sdxl-{loha.__version__}.dist-info/entry_points.txt").decode()
+    assert "loha = loha.__main__:main" in entry_points  # the toolbox as a command
 
 
 def _reordered(specs):
@@ -83,9 +85,25 @@ def test_readme_shows_the_notebook_install():
 
 
 # ---------------------------------------------------------------------------------------------- help
-@pytest.mark.parametrize("cli", ["train", "infer"])
+def _parsers(cli):
+    if cli == "toolbox":
+        from loha.__main__ import build_parser
+
+        verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        return list(verbs.choices.values())
+    return [T.build_parser() if cli == "train" else infer.build_parser()]
+
+
+@pytest.mark.parametrize("cli", ["train", "infer", "toolbox"])
 def test_every_flag_has_help_stating_its_default_once(cli):
-    built = T.build_parser() if cli == "train" else infer.build_parser()
+    for built in _parsers(cli):
+        _check_help(built)
+    if cli == "train":
+        resolution = next(a for a in T.build_parser()._actions if a.dest == "resolution")
+        assert "multiple of 8" in resolution.help and "64 with --enable_bucket" in resolution.help
+
+
+def _check_help(built):
     formatter = built._get_formatter()
     for action in built._actions:
         if action.help is argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
@@ -95,9 +113,6 @@ def test_every_flag_has_help_stating_its_default_once(cli):
             continue
         text = formatter._get_help_string(action)
         assert text.count("default:") == 1, (action.option_strings, text)
-    if cli == "train":
-        resolution = next(a for a in built._actions if a.dest == "resolution")
-        assert "multiple of 8" in resolution.help and "64 with --enable_bucket" in resolution.help
 
 
 def test_usage_errors_exit_2_and_runtime_errors_exit_1(tiny_pipeline_dir, tmp_path, capsys):
