@@ -350,3 +350,43 @@ def test_merge_holds_one_tensor_at_a_time_and_a_failure_leaves_nothing(tiny_pipe
                       str(tmp_path / "inf.safetensors")]) == 1
     assert "NaN/Inf" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no partial file, no temporary
+
+
+def test_single_file_names_match_diffusers_converters_at_sdxl_size():
+    """The single-file key map for SDXL base 1.0's own shapes (meta tensors, no memory), read back by diffusers'
+    converters: CLIP-L (conditioner.embedders.0), OpenCLIP bigG with fused in_proj and transposed
+    text_projection (conditioner.embedders.1) and the VAE (first_stage_model, attention as 1×1 convs) give
+    every diffusers key with its shape. The UNet's SGM names are checked in test_wild.py."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+
+    skeleton = checkpoints.skeletons(None)
+    names = checkpoints.single_file_names(skeleton)
+
+    def single_file(component):
+        out = {}
+        for key, (ldm, third, transpose, _) in names[component][0].items():
+            shape = tuple(skeleton[component].state_dict()[key].shape)
+            shape = shape[::-1] if transpose else shape
+            out[ldm] = torch.empty((shape[0] * 3, *shape[1:]) if third is not None else shape, device="meta")
+        return out
+
+    def same(converted, model, strip=""):
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+        got = {k.removeprefix(strip): tuple(v.shape) for k, v in converted.items()}
+        assert got == want
+
+    same(sfu.convert_open_clip_checkpoint(skeleton["text_encoder_2"], single_file("text_encoder_2"),
+                                          prefix=checkpoints.PREFIX["text_encoder_2"]), skeleton["text_encoder_2"])
+    same(sfu.convert_ldm_clip_checkpoint(single_file("text_encoder")), skeleton["text_encoder"], strip="text_model.")
+    assert len(skeleton["text_encoder_2"].text_model.encoder.layers) == 32
+    with torch.device("meta"):
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4)
+    ldm = {}
+    for key, t in vae.state_dict().items():
+        name = checkpoints.vae_key(key, 4)
+        assert name is not None, key
+        shape = (*t.shape, 1, 1) if ".mid.attn_1." in name and t.dim() == 2 else tuple(t.shape)
+        ldm[checkpoints.PREFIX["vae"] + name] = torch.empty(shape, device="meta")
+    same(sfu.convert_ldm_vae_checkpoint(ldm, dict(vae.config)), vae)
