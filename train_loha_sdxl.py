@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a LoHa adapter for Stable Diffusion XL: one run, read top to bottom.
 
-    python train_loha_sdxl.py --demo              # offline: tiny SDXL + examples/data, under a minute on CPU
+    python train_loha_sdxl.py --demo              # offline: tiny SDXL + examples/data, on a CPU
     accelerate launch train_loha_sdxl.py \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
         --train_data_dir my_photos --output_dir my_loha --mixed_precision fp16 ...

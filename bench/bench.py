@@ -164,14 +164,16 @@ def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"
         logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs a dozen INFO lines per network
         # Presets are class-level globals: set the one we want right before building the network.
         if preset == "attn-only":  # LyCORIS's own attn-only names no diffusers class; the Attention class
-            LycorisNetwork.apply_preset({"target_module": ["Attention"], "target_name": [], "enable_conv": False})
+            rules = {"target_module": ["Attention"], "target_name": [], "enable_conv": False}
         else:
-            rules = PRESET[preset]
-            LycorisNetwork.apply_preset({"target_module": rules["unet_target_module"],
-                                         "target_name": rules["unet_target_name"], "enable_conv": rules["enable_conv"]})
+            rules = {"target_module": PRESET[preset]["unet_target_module"],
+                     "target_name": PRESET[preset]["unet_target_name"], "enable_conv": PRESET[preset]["enable_conv"]}
+        LycorisNetwork.apply_preset(rules)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        with unset_fake_temporarily():  # its conv modules call .item() on a shape: real factors, under --count too
+        # its conv modules call .item() on a shape, which a fake tensor cannot: built real then (and then
+        # not countable under FakeTensorMode, SDXL size); without convs it is built fake like the others
+        with unset_fake_temporarily() if rules["enable_conv"] else contextlib.nullcontext():
             network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, conv_lora_dim=rank,
                                      conv_alpha=rank, network_module="loha")
         network.apply_to()

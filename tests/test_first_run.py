@@ -235,7 +235,7 @@ def test_the_readme_notebook_recipe_runs(tmp_path, tiny_pipeline_dir):
     (out / "checkpoint-500").symlink_to(out / "checkpoint-2")
     code = (code.replace('"stabilityai/stable-diffusion-xl-base-1.0"', repr(str(tiny_pipeline_dir)))
             .replace('.to("cuda")', "").replace("torch.float16", "torch.float32")
-            .replace('"loha-sdxl', repr(str(out))[:-1]).replace('pipe("a photo of sks dog"',
+            .replace('"loha-sdxl', json.dumps(str(out))[:-1]).replace('pipe("a photo of sks dog"',
                                                                  'pipe("a photo of sks dog", num_inference_steps=2'))
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README

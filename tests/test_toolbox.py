@@ -6,6 +6,7 @@ against the true difference; the FedPara claim is checked against numpy-free SVD
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -390,3 +391,31 @@ def test_single_file_names_match_diffusers_converters_at_sdxl_size():
         shape = (*t.shape, 1, 1) if ".mid.attn_1." in name and t.dim() == 2 else tuple(t.shape)
         ldm[checkpoints.PREFIX["vae"] + name] = torch.empty(shape, device="meta")
     same(sfu.convert_ldm_vae_checkpoint(ldm, dict(vae.config)), vae)
+
+
+def test_the_readme_toolbox_examples_run(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    """Every `python -m loha` line of the README's toolbox section, as written, on a demo-shaped folder:
+    loha-demo/tiny-sdxl (the tiny pipeline) and loha-demo/output/loha.safetensors (a LoHa recording it)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The toolbox"):]
+    block = section[section.index("```bash") + 7:section.index("```", section.index("```bash") + 7)]
+    commands = [shlex.split(c) for c in re.sub(r"\\\n\s*", " ", block).splitlines() if c.strip()]
+    assert [c[3] for c in commands] == ["inspect", "merge", "merge", "extract", "resize", "convert"]
+    demo = tmp_path / "loha-demo"
+    demo.mkdir()
+    (demo / "tiny-sdxl").symlink_to(tiny_pipeline_dir)
+    pipe = pipeline(tiny_pipeline_dir)
+    loha.inject(pipe.unet, rank=8)
+    randomize_adapters(pipe.unet, std=0.1)
+    loha.export_kohya(pipe.unet, demo / "output" / "loha.safetensors", base_model="loha-demo/tiny-sdxl")
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        assert argv[:3] == ["python", "-m", "loha"]
+        assert loha_main(argv[3:]) == 0, argv
+    assert capsys.readouterr().out.count("wrote ") == 5
+    for name in ("merged.safetensors", "merged/model_index.json", "extracted.safetensors", "rank4.safetensors",
+                 "lycoris-bf16.safetensors"):
+        assert (demo / name).is_file(), name
