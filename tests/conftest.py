@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # huggingface_hub, transformers and datasets read these when first imported, which happens
 # while test modules are collected, before any fixture runs: so they are set at import.
@@ -36,3 +37,18 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     from loha.tiny_sdxl import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture
+def one_thread_and_fresh_accelerate():
+    """One thread: these models are tiny and the test machine is shared. accelerate keeps process-wide
+    state; reset it so each in-process run starts as a new process would. (The training test modules use
+    it for every test.)"""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

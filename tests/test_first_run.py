@@ -14,7 +14,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 import infer
 import loha
@@ -26,16 +25,7 @@ NOISE = ("requires torchvision", "should be kept in float32", "Loading weights",
          "Loading pipeline components", "Traceback")
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread_and_fresh_accelerate")
 
 
 def train_argv(model, out, cache, *extra, steps=2):

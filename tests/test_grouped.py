@@ -92,9 +92,11 @@ def count_builds(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("chunk", [1 << 16, 130])  # 130 elements: one 12×10 layer (and one conv) per chunk
-@pytest.mark.parametrize("use_tucker", [False, True])
-@pytest.mark.parametrize("mixed", [False, True])  # per-layer scales and rank dropout: a coefficient tensor
+# chunk 130 elements: one 12×10 layer (and one conv) per chunk; mixed: per-layer scales and rank dropout (a
+# coefficient tensor). Two complementary cases by default, the cross product with -m slow.
+@pytest.mark.parametrize(("chunk", "use_tucker", "mixed"), [
+    pytest.param(c, t, m, marks=() if (c, t, m) in {(130, True, True), (1 << 16, False, False)} else pytest.mark.slow)
+    for c in (1 << 16, 130) for t in (False, True) for m in (False, True)])
 def test_grouped_gradcheck_float64(monkeypatch, chunk, use_tucker, mixed):
     """The whole grouped path (build, per-layer Functions, chunked backward) against numerical gradients."""
     monkeypatch.setattr(layer_module, "CPU_CHUNK_ELEMENTS", chunk)
@@ -418,8 +420,9 @@ def test_nn_sequential_models_run_with_stacks():
     torch.testing.assert_close(model(torch.ones(1, 4)), ref(torch.ones(1, 4)))
 
 
-@pytest.mark.parametrize("mode", ["grouped", "merged", "bypass"])
-@pytest.mark.parametrize("stack", [False, True])
+@pytest.mark.parametrize(("mode", "stack"), [
+    pytest.param(m, s, marks=() if (m, s) in {("grouped", True), ("merged", False), ("bypass", True)}
+                 else pytest.mark.slow) for m in ("grouped", "merged", "bypass") for s in (False, True)])
 def test_no_graph_breaks_under_compile(mode, stack):
     """The layer compiles whole in every mode and storage (fullgraph=True raises on any graph break),
     with eager-equal gradients (aot_eager: the graph autograd would run, without inductor's CPU codegen)."""

@@ -70,10 +70,16 @@ def kind_input(kind, dtype=torch.float32, device="cpu", requires_grad=False):
     return torch.randn(KINDS[kind][2], device=device).to(dtype).requires_grad_(requires_grad)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("merged", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("row_scale", [False, True])
+def _gradcheck_cases():
+    """Every kind with two complementary settings by default (each flag seen both ways); the rest of the
+    cross product with -m slow."""
+    default = {(True, True, False), (False, False, True)}
+    return [pytest.param(kind, merged, bias, row_scale,
+                         marks=() if (merged, bias, row_scale) in default else pytest.mark.slow)
+            for kind in KINDS for merged in (True, False) for bias in (True, False) for row_scale in (False, True)]
+
+
+@pytest.mark.parametrize(("kind", "merged", "bias", "row_scale"), _gradcheck_cases())
 def test_gradcheck_float64(kind, merged, bias, row_scale):
     make, options, shape = KINDS[kind]
     torch.manual_seed(1)

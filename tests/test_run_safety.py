@@ -28,16 +28,7 @@ AREA_LOCK, AREA_FLAGS, AREA_STATE, AREA_SIGNAL, AREA_PATHS = (
     "outputs over inputs")
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread_and_fresh_accelerate")
 
 
 def argv_for(model, out, cache, *extra, steps=4):
@@ -276,6 +267,7 @@ def test_a_second_signal_stops_at_once(tiny_pipeline_dir, finished, tmp_path, ca
            "checkpoint")
 
 
+@pytest.mark.slow  # the in-process signal tests above cover the logic; this one sends a real SIGINT
 def test_a_real_sigint_from_outside_the_process(tiny_pipeline_dir, tmp_path):
     """A real Ctrl-C: SIGINT sent to the training process while it trains."""
     out = tmp_path / "out"

@@ -202,7 +202,7 @@ def test_extract_fits_every_changed_layer_and_reports_the_true_error(tiny_pipeli
     for rank, preset in ((4, "full"), (1, "attn-only")):
         out = tmp_path / f"extracted-{rank}.safetensors"
         assert loha_main(["extract", "--base", str(tiny_pipeline_dir), "--tuned", str(tuned), "--rank", str(rank),
-                          "--preset", preset, "--text_encoders", "--out", str(out), "--json"]) == 0
+                          "--preset", preset, "--text_encoders", "--sweeps", "25", "--out", str(out), "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         layers = {(r["component"], r["module"]): r for r in report["layers"]}
         assert len(layers) == {"full": 263, "attn-only": 136}[preset] + 2 * 3 * 4

@@ -33,18 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "data"
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """One thread: these models are tiny and the test machine is shared. accelerate keeps process-wide
-    state; reset it so each in-process run starts as a new process would."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread_and_fresh_accelerate")
 
 
 def base_args(model_dir, out, cache, *extra, data=EXAMPLES, steps=3):

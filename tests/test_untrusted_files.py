@@ -740,8 +740,9 @@ INFER = REPO / "infer.py"
 
 
 @pytest.mark.skipif(not INFER.exists(), reason="infer.py is not written yet")
-@pytest.mark.parametrize("case", ["truncated by one byte", "alpha NaN", "module the model does not have (blocks_7)",
-                                  "pickle", "symlink loop"])
+@pytest.mark.parametrize("case", ["truncated by one byte", "pickle", *(
+    pytest.param(c, marks=pytest.mark.slow) for c in ("alpha NaN", "module the model does not have (blocks_7)",
+                                                      "symlink loop"))])
 def test_infer_cli_refuses_bad_files(case, tmp_path, valid, tiny_pipeline_dir, pickle_payloads):
     marker, payloads = pickle_payloads
     if case == "pickle":

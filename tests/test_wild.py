@@ -45,7 +45,8 @@ def sdxl_meta():
         return UNet2DConditionModel(**SDXL_UNET_CONFIG)
 
 
-@pytest.mark.parametrize("preset", ["attn-mlp", "full", "full-lin", "unet-transformer-only", "unet-convblock-only"])
+@pytest.mark.parametrize("preset", ["full", *(pytest.param(p, marks=pytest.mark.slow) for p in (
+    "attn-mlp", "full-lin", "unet-transformer-only", "unet-convblock-only"))])  # full (LyCORIS's default) always
 @pytest.mark.parametrize("use_tucker", [False, True])
 def test_preset_modules_and_parameters_equal_lycoris_on_the_sdxl_config(sdxl_meta, preset, use_tucker):
     """On the full SDXL config (meta device), every preset adapts the modules LyCORIS adapts, with the
