@@ -419,3 +419,23 @@ def test_the_readme_toolbox_examples_run(tiny_pipeline_dir, tmp_path, monkeypatc
     for name in ("merged.safetensors", "merged/model_index.json", "extracted.safetensors", "rank4.safetensors",
                  "lycoris-bf16.safetensors"):
         assert (demo / name).is_file(), name
+
+
+def test_extract_reads_single_files_as_it_reads_folders(tiny_pipeline_dir, adapters, tmp_path, capsys):
+    """--base and --tuned as single-file checkpoints (the A1111/ComfyUI layout) give the same fit, bit for bit,
+    as the diffusers folders they were written from."""
+    _, b = adapters
+    base_file, tuned_file, tuned_folder = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "t"
+    for argv in (["--adapter", str(b), "--scale", "0", "--out", str(base_file)],
+                 ["--adapter", str(b), "--out", str(tuned_file)], ["--adapter", str(b), "--out", str(tuned_folder)]):
+        assert loha_main(["merge", "--base", str(tiny_pipeline_dir), *argv]) == 0
+    fits = {}
+    for name, base, tuned, extra in (("folders", tiny_pipeline_dir, tuned_folder, []),
+                                     ("files", base_file, tuned_file, ["--config", str(tiny_pipeline_dir)])):
+        out = tmp_path / f"{name}.safetensors"
+        assert loha_main(["extract", "--base", str(base), "--tuned", str(tuned), "--rank", "2", "--sweeps", "10",
+                          "--out", str(out), *extra]) == 0
+        fits[name] = safetensors.torch.load_file(out)
+    assert fits["files"].keys() == fits["folders"].keys() and len(fits["files"]) == 136 * 5
+    assert all(torch.equal(fits["files"][k], fits["folders"][k]) for k in fits["files"])
+    assert "relative error" in capsys.readouterr().out
