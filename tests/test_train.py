@@ -209,17 +209,18 @@ def test_full_preset_run_exports_a_kohya_file_that_reproduces_its_samples(tiny_p
 # ------------------------------------------------------------------------------------- resume
 def test_resume_mid_epoch_is_bitwise(tiny_pipeline_dir, tmp_path):
     """Stopped at step 3 (mid-epoch: 7 images in batches of 2, 2 per update, so 2 updates per epoch) and
-    resumed to 6 == an uninterrupted run of 6, bit for bit, with the text encoders trained too and rank
-    dropout on (its RNG state comes back from the checkpoint)."""
+    resumed to 6 == an uninterrupted run of 6, bit for bit, with the text encoders trained too, rank
+    dropout on (its RNG state comes back from the checkpoint), and LyCORIS's full preset with Tucker convs."""
     extra = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
              "--train_text_encoder", "--rank_dropout", "0.2", "--random_flip", "--lr_scheduler", "cosine",
-             "--lr_warmup_steps", "2"]
+             "--lr_warmup_steps", "2", "--preset", "full", "--conv_rank", "2", "--use_tucker"]
     full = train(tiny_pipeline_dir, tmp_path, *extra, name="full", steps=6)
     part = tmp_path / "part"
     shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
     resumed = train(tiny_pipeline_dir, tmp_path, *extra, "--resume_from_checkpoint", "latest", name="part", steps=6)
     for component in ("unet", "text_encoder", "text_encoder_2"):
         assert_same_weights(adapter_weights(full / component), adapter_weights(resumed / component))
+    assert any(k.endswith("conv1.hada_t1") for k in adapter_weights(resumed / "unet"))  # Tucker convs resumed
     assert not torch.equal(adapter_weights(full / "checkpoint-3" / "unet")["base_model.model.down_blocks.1."
                                                                           "attentions.0.transformer_blocks.0."
                                                                           "attn1.to_q.hada_w2_a"],
