@@ -10,6 +10,9 @@ One process, one device, one loop for every variant:
     peft-loha     PEFT LoHa (inject_adapter_in_model + LoHaConfig, the same targets)
     lycoris-loha  LyCORIS LoHa (LycorisNetwork with the same preset)
     peft-lora     PEFT LoRA at rank 2r: the same parameter count, for reference
+    python-floor  (on request) the floor with a do-nothing Python autograd.Function on each target linear
+                  that computes the exact weight gradient and discards it: what any Python-level adapter
+                  with exact gradients pays before doing any LoHa math
 
     python bench/bench.py --model tiny --device cpu --threads 1 --rounds 20 --steps 5 --json bench-cpu.json
     python bench/bench.py --model sdxl --device cuda --dtype bf16 --resolution 1024 --batch_size 1 \
@@ -55,6 +58,7 @@ import loha  # noqa: E402
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_unet  # noqa: E402
 
 VARIANTS = ("floor", "loha-grouped", "loha-merged", "loha-bypass", "peft-loha", "lycoris-loha", "peft-lora")
+ON_REQUEST = ("python-floor",)  # not in the default set: a reference point, not an implementation
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = list(loha.DEFAULT_TARGETS)  # the attention linears (bench/quality.py uses them too)
 
@@ -131,6 +135,34 @@ def make_inputs(model: str, batch_size: int, resolution: int, device, dtype, see
     }
 
 
+class _PythonFloorFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b; backward: the input gradient and the exact weight gradient gᵀx, folded into a scalar
+    that reaches one trainable token (so the optimizer has a tensor and nothing is optimised away)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, token):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        grad_w = torch.mm(g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+        return torch.matmul(g, weight), None, None, grad_w.sum().reshape(1)
+
+
+def _python_floor(unet: nn.Module, targets: list[str]):
+    token = nn.Parameter(torch.zeros(1, device=next(unet.parameters()).device))
+    modules = dict(unet.named_modules())
+    for path in targets:
+        m = modules[path]
+        if type(m) is not nn.Linear:
+            raise BenchError(f"python-floor wraps Linear layers only, and {path} is a {type(m).__name__}; "
+                             "use --preset attn-only or attn-mlp")
+        m.forward = lambda x, m=m: _PythonFloorFunction.apply(x, m.weight, m.bias, token)
+    return [token], targets
+
+
 def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"):
     """Put adapter ``name`` on the modules ``preset`` selects (every variant the same set, convs at the same
     rank). Returns (trainable params, extras)."""
@@ -139,7 +171,9 @@ def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"
     if name == "floor":
         return [], extras
     targets = loha.preset_targets(unet, preset)
-    if name.startswith("loha-"):
+    if name == "python-floor":
+        params, extras["adapted"] = _python_floor(unet, targets)
+    elif name.startswith("loha-"):
         mode = name.split("-")[1]
         loha.inject(unet, rank=rank, alpha=rank, preset=preset, forward_mode=mode, stack=mode == "grouped")
         params = loha.trainable_parameters(unet)
@@ -183,7 +217,7 @@ def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"
         extras["network"] = network
         extras["adapted"] = sorted(m.lora_name.removeprefix("lycoris_") for m in network.loras)
     else:
-        raise BenchError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        raise BenchError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS + ON_REQUEST)}")
     for p in params:
         p.data = p.data.float()
     return params, extras
@@ -592,8 +626,7 @@ def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
 
 
 def count_all(args) -> dict:
-    """Exact counts for every variant. ``--model sdxl`` runs under FakeTensorMode (no memory), with the GPU
-    chunk size for the grouped build (what an SDXL run on a GPU uses)."""
+    """Exact counts for every variant. ``--model sdxl`` runs under FakeTensorMode (no memory)."""
     device, dtype = torch.device("cpu"), DTYPES[args.dtype]
     fake = None
     results = {}
@@ -601,16 +634,10 @@ def count_all(args) -> dict:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         fake = FakeTensorMode(allow_non_fake_inputs=True)
-    chunk = loha.layer.CPU_CHUNK_ELEMENTS
-    try:
-        if fake is not None:
-            loha.layer.CPU_CHUNK_ELEMENTS = loha.layer.GPU_CHUNK_ELEMENTS
-        for name in args.variants:
-            results[name] = count_variant(name, args, device, dtype, fake)
-            print(f"counted {name}: {sum(sum(c.values()) for c in results[name]['ops'].values())} ops",
-                  file=sys.stderr, flush=True)
-    finally:
-        loha.layer.CPU_CHUNK_ELEMENTS = chunk
+    for name in args.variants:
+        results[name] = count_variant(name, args, device, dtype, fake)
+        print(f"counted {name}: {sum(sum(c.values()) for c in results[name]['ops'].values())} ops",
+              file=sys.stderr, flush=True)
     floor = results.get("floor")
     for r in results.values():
         r["launched"] = sum(r["ops"][ph]["launched"] for ph in PHASES)
@@ -621,7 +648,7 @@ def count_all(args) -> dict:
             r["extra_all_per_layer"] = (r["all"] - sum(sum(floor["ops"][ph].values()) for ph in PHASES)) / r["adapted"]
             r["saved_over_floor_bytes"] = r["saved_for_backward_bytes"] - floor["saved_for_backward_bytes"]
     return {"config": run_config(args), "environment": environment(device), "counts": results,
-            "chunk_elements": loha.layer.GPU_CHUNK_ELEMENTS if fake is not None else chunk}
+            "chunk_elements": loha.layer.CHUNK_ELEMENTS}
 
 
 def count_table(report: dict) -> str:
@@ -840,8 +867,8 @@ def parse_args(argv=None):
                    help="exact op counts and saved-for-backward bytes per variant instead of timings "
                         "(--model sdxl: under FakeTensorMode, no memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet of every variant")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
-                   help=f"any of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ON_REQUEST, metavar="VARIANT",
+                   help=f"any of {', '.join(VARIANTS)} (default: all of them), or {', '.join(ON_REQUEST)}")
     p.add_argument("--optimizer", choices=("fused", "foreach"), default=None,
                    help="AdamW implementation for every variant (default: fused, what the trainer uses)")
     p.add_argument("--seed", type=int, default=0)

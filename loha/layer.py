@@ -37,12 +37,12 @@ FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER_NAMES = (*FACTOR_NAMES, "hada_t1", "hada_t2")
 STACK_NAMES = ("hada_a", "hada_b", "hada_t")  # a LoHaStack's Parameters: both halves of each factor, paired
 
-# A grouped build works on chunks of same-shape layers of about this many weight elements. On CPU
-# 2^16 (256 KiB fp32), so the working set stays in L2 (BENCHMARKS.md §2); on GPU 2^25, so a chunk of
+# A grouped build works on chunks of same-shape layers of about this many weight elements: a chunk of
 # 1280×1280 SDXL layers is 20 layers and the 10240×1280 GEGLU projections 2 (about 14 launched ops a
 # chunk), while what a chunk holds in flight in backward (W+ΔW, P1 and P2 in fp32, G) stays near 0.5 GiB.
-CPU_CHUNK_ELEMENTS = 1 << 16
-GPU_CHUNK_ELEMENTS = 1 << 25
+# CPU and GPU alike: on CPU the smaller 2^16 that kept a chunk in L2 is slower since the backward rebuilds
+# (BENCHMARKS.md §2, lever 7a), because fewer, larger chunks mean fewer ops and less Python per step.
+CHUNK_ELEMENTS = 1 << 25
 CACHED_CHUNKS = 2  # chunks of built weights kept in flight per stack, forward and backward alike
 
 
@@ -162,9 +162,7 @@ class _Build:
         self.scales = [m.scale for m in layers]
         self.training = [m.training for m in layers]
         self.used = [False] * len(layers)
-        p = self.params[0]
-        size = max(1, (CPU_CHUNK_ELEMENTS if p.device.type == "cpu" else GPU_CHUNK_ELEMENTS)
-                   // self.weights[0].numel())
+        size = max(1, CHUNK_ELEMENTS // self.weights[0].numel())
         self.chunk = size
         self.chunks = [slice(i, min(i + size, len(layers))) for i in range(0, len(layers), size)]
         self.coef = self._coefficients()
@@ -201,8 +199,10 @@ class _Build:
                 and self.weight_versions[slot] == weight._version and self.version == self._factor_version())
 
     def _build(self, c):
-        """(W + ΔW in the compute dtype, (P1, P2) paired) for chunk ``c``: flat, (n, out, in·k) and (n, 2, …):
-        the stack holds both halves side by side, so one matmul (or one Tucker chain) builds both."""
+        """(each layer's W + ΔW in the compute dtype, (P1, P2) paired) for chunk ``c``: the weights as a tuple
+        of views in the layers' own shape (one unbind, so a layer's lookup is a tuple index, not a select op),
+        the pair flat, (n, 2, out, in·k): the stack holds both halves side by side, so one matmul (or one
+        Tucker chain) builds both."""
         sl = self.chunks[c]
         if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
             weights = self.flat[sl.start].unsqueeze(0)
@@ -210,17 +210,13 @@ class _Build:
             weights = torch.stack(self.flat[sl])
         pair = lm.half(*(f[sl] for f in self.params))
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
-        return lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype), pair
+        built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
+        return built.view(-1, *self.weights[sl.start].shape).unbind(0), pair
 
     @staticmethod
     def _evict(cache):
         if len(cache) >= CACHED_CHUNKS:
             del cache[next(iter(cache))]
-
-    def _weight(self, built, slot, c):
-        w = built[slot - self.chunks[c].start]
-        shape = self.weights[slot].shape
-        return w if len(shape) == 2 else w.view(shape)
 
     def forward_weight(self, slot):
         self.used[slot] = True
@@ -234,7 +230,7 @@ class _Build:
             self.expected[c] += 1
         if left == 0:
             del self.forward_cache[c]
-        return self._weight(built, slot, c)
+        return built[slot - self.chunks[c].start]
 
     def backward_weight(self, slot):
         if not self.backward_started:
@@ -249,7 +245,7 @@ class _Build:
                 self._modified()
             self._evict(self.backward_cache)
             cached = self.backward_cache[c] = self._build(c)
-        return self._weight(cached[0], slot, c)
+        return cached[0][slot - self.chunks[c].start]
 
     @staticmethod
     def _modified():

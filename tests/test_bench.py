@@ -350,3 +350,26 @@ def test_gpu_prediction_from_the_stored_sdxl_counts(tmp_path, capsys):
         n = {v: counts[v][measure] - counts["floor"][measure] for v in ("peft-loha", "lycoris-loha")}
         c = (452 * n["peft-loha"] + 895 * n["lycoris-loha"]) / (n["peft-loha"] ** 2 + n["lycoris-loha"] ** 2)
         assert math.isclose(f["ms_per_op"], c, rel_tol=1e-12)
+
+
+def test_python_floor_takes_each_exact_weight_gradient_and_only_that(bench):
+    """The on-request reference variant: its token's gradient is the sum of every target linear's exact
+    weight gradient (autograd's, with the weights made trainable), and the outputs are the floor's."""
+    args = bench.parse_args(["--model", "tiny", "--variants", "python-floor"])
+    device, dtype = torch.device("cpu"), torch.float32
+    inputs = bench.make_inputs("tiny", 1, 64, device, dtype, 0)
+    wrapped = bench.build_variant("python-floor", args, device, dtype)
+    reference = bench.build_variant("floor", args, device, dtype)
+    targets = wrapped.extras["adapted"]
+    assert len(targets) == 136 and len(wrapped.params) == 1
+    modules = dict(reference.unet.named_modules())
+    for path in targets:
+        modules[path].weight.requires_grad_(True)
+    wrapped.optimizer = None  # keep the token's gradient to read it
+    bench.train_step(wrapped, inputs, device, dtype)
+    reference.optimizer = None
+    bench.train_step(reference, inputs, device, dtype)
+    expected = sum(modules[p].weight.grad.double().sum() for p in targets)
+    assert wrapped.params[0].grad.item() == pytest.approx(expected.item(), rel=1e-4)
+    with pytest.raises(bench.BenchError, match="Linear layers only"):
+        bench.add_adapter("python-floor", bench.build_unet("tiny", device, dtype, 0), 8, "full")

@@ -99,7 +99,7 @@ def count_builds(monkeypatch):
     for c in (1 << 16, 130) for t in (False, True) for m in (False, True)])
 def test_grouped_gradcheck_float64(monkeypatch, chunk, use_tucker, mixed):
     """The whole grouped path (build, per-layer Functions, chunked backward) against numerical gradients."""
-    monkeypatch.setattr(layer_module, "CPU_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(layer_module, "CHUNK_ELEMENTS", chunk)
     model = Toy(torch.float64)
     loha.inject(model, rank=2, target_modules=TARGETS, use_tucker=use_tucker, dtype=torch.float64,
                 rank_dropout=0.3 if mixed else 0.0, alphas={"b": 5.0} if mixed else None)
@@ -340,7 +340,7 @@ def test_frozen_adapter_still_gives_the_input_its_gradient():
 def test_chunks_keep_what_is_saved_to_the_inputs(monkeypatch):
     """What autograd keeps between forward and backward, counted with saved_tensors_hooks: grouped saves
     the layers' inputs and nothing of size out×in, exactly as much as merged (plus nothing)."""
-    monkeypatch.setattr(layer_module, "CPU_CHUNK_ELEMENTS", 130)  # several chunks per stack
+    monkeypatch.setattr(layer_module, "CHUNK_ELEMENTS", 130)  # several chunks per stack
 
     def saved_bytes(model, x):
         seen = {}
