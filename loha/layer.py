@@ -5,11 +5,12 @@ Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) w
 - ``"grouped"`` (default): the factors of all adapters of one shape live in a ``LoHaStack`` (four or six
   stacked Parameters). W + scale·ΔW is built for a whole chunk of same-shape layers at once, in fp32
   and cast once to the compute dtype, and each layer then runs the plain op. The backward saves only
-  each layer's input: it rebuilds W + ΔW chunk by chunk, in reverse order, collects every layer's
-  weight gradient G, and computes the factor gradients of a chunk in one batched pass. Autograd sees
-  one node per layer and one per stack, and the optimizer four (six) tensors per shape. This is the
-  fastest mode and the leanest: nothing of size out×in is kept between forward and backward, only
-  a chunk or two in flight (BENCHMARKS.md).
+  each layer's input (not even that where autograd already keeps what the input is computed from:
+  GEGLU's halves before ``ff.net.2``, the norm before a resnet conv). It rebuilds W + ΔW chunk by
+  chunk, in reverse order, collects every layer's weight gradient G, and computes the factor
+  gradients of a chunk in one batched pass. Autograd sees one node per layer and one per stack, and
+  the optimizer two (three) tensors per shape. This is the fastest mode and the leanest: nothing of
+  size out×in is kept between forward and backward, only a chunk or two in flight (BENCHMARKS.md).
 - ``"merged"``: the same math per layer, in one hand-written Function per layer (also what runs under
   ``torch.compile`` and for adapters that are not stacked).
 - ``"bypass"``: op(x, W) + op(x, scale·ΔW): ΔW keeps its own relative precision (worth it only when
@@ -65,6 +66,51 @@ def _scaled(t, coef):
     return t.mul_(coef) if isinstance(coef, torch.Tensor) or coef != 1.0 else t
 
 
+# ---------------------------------------------------------------------- inputs autograd already keeps
+_top_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _input_recipe(x):
+    """The autograd node x can be recomputed from without holding x, or None (then x itself is saved).
+
+    An exact weight gradient needs each layer's input; a frozen base layer does not, so the floor never
+    keeps it. But where x is the product a·b of a Mul that saved both operands (GEGLU's h·gelu(g), the
+    input of ``ff.net.2``) or x = silu(n) (the input of every resnet conv), autograd keeps those operands
+    for the floor's own backward anyway, and x is recomputed from them bit for bit in our backward, which
+    runs before theirs. Only metadata is read here: nothing is unpacked in forward.
+
+    Under saved-tensor hooks (non-reentrant checkpointing, offloading) x is saved as usual: a hook may
+    allow one unpack per saved tensor (checkpointing does), and a recomputed block keeps little anyway.
+    A hook whose pack function sets ``loha_unpack_twice = True`` (bench.py's byte counter) keeps it."""
+    if torch.compiler.is_compiling():  # before touching grad_fn, which dynamo cannot trace
+        return None
+    node = x.grad_fn
+    if node is None:
+        return None
+    hooks = _top_saved_tensor_hooks(False) if _top_saved_tensor_hooks is not None else ("unknown",)
+    if hooks is not None and not getattr(hooks[0], "loha_unpack_twice", False):
+        return None
+    kind = type(node).__name__
+    if kind == "SiluBackward0" or (kind == "MulBackward0" and all(f is not None for f, _ in node.next_functions)):
+        return node  # a Mul saves each operand when the other needs a gradient: both do here
+    return None
+
+
+def _keep_input(ctx, x, *others):
+    """ctx.save_for_backward(x, *others), with x replaced by its recipe where there is one."""
+    ctx.input_recipe = _input_recipe(x)
+    ctx.save_for_backward(*((x,) if ctx.input_recipe is None else (None,)), *others)
+
+
+def _kept_input(ctx, saved):
+    node = ctx.input_recipe
+    if node is None:
+        return saved
+    if type(node).__name__ == "SiluBackward0":
+        return F.silu(node._saved_self)
+    return torch.mul(node._saved_self, node._saved_other)
+
+
 # ------------------------------------------------------------------------------------ the two ops
 class _LinearOp:
     """y = x·Wᵀ + b, and its backward."""
@@ -110,13 +156,14 @@ class _LoHaFunction(torch.autograd.Function):
             y = y + op.forward(x, _cast(_scaled(p1.mul_(p2), coef), x.dtype).view(shape), None)
         if ctx is not None:  # None: called directly for inference, nothing to save
             tensor_coef = coef if isinstance(coef, torch.Tensor) else None
-            ctx.save_for_backward(x, weight, tensor_coef, *factors)
+            _keep_input(ctx, x, weight, tensor_coef, *factors)
             ctx.coef, ctx.merged, ctx.op, ctx.has_bias = coef, merged, op, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, tensor_coef, *factors = ctx.saved_tensors
+        x = _kept_input(ctx, x)
         coef = ctx.coef if tensor_coef is None else tensor_coef
         need = ctx.needs_input_grad
         need_factors = any(need[6:])
@@ -315,13 +362,13 @@ class _GroupedLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token, bias, build, slot, op):
         weight = build.forward_weight(slot)
-        ctx.save_for_backward(x)
+        _keep_input(ctx, x)
         ctx.build, ctx.slot, ctx.op, ctx.has_bias = build, slot, op, bias is not None
         return op.forward(x, weight, bias if bias is None or bias.dtype is x.dtype else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
+        x = _kept_input(ctx, ctx.saved_tensors[0])
         build, need = ctx.build, ctx.needs_input_grad
         weight = build.backward_weight(ctx.slot)
         grad_x, gw, grad_b = ctx.op.backward(g, x, weight, need[0], need[1], need[2] and ctx.has_bias)

@@ -436,3 +436,65 @@ def test_no_graph_breaks_under_compile(mode, stack):
     model.zero_grad(set_to_none=True)
     torch.compile(model, backend="aot_eager", fullgraph=True)(x).backward()
     assert_close_lists(eager, grads(model))
+
+
+@pytest.mark.parametrize(("mode", "checkpointing"), [("grouped", False), ("grouped", True), ("merged", False)])
+def test_inputs_autograd_already_keeps_are_recomputed_bit_for_bit(monkeypatch, mode, checkpointing):
+    """ff.net.2 takes GEGLU's h·gelu(g) and each resnet conv silu(norm(x)): autograd keeps h, gelu(g) and
+    norm(x) for the floor's own backward, so those inputs are recomputed instead of held. Gradients are
+    bit-identical to saving every input, with diffusers' checkpointing too, and the bytes saved drop by
+    exactly those inputs."""
+    original = layer_module._input_recipe
+    hits = []
+
+    def counted(x):
+        node = original(x)
+        hits.append(node is not None)
+        return node
+
+    def run(recipes):
+        monkeypatch.setattr(layer_module, "_input_recipe", counted if recipes else (lambda x: None))
+        unet = tiny_unet(0)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        loha.inject(unet, rank=4, preset="full", conv_rank=3, forward_mode=mode, stack=mode == "grouped")
+        randomize_adapters(unet, seed=4, std=0.1)
+        unet.train()
+        seen = {}
+
+        def pack(t):
+            if not isinstance(t, nn.Parameter):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        pack.loha_unpack_twice = True  # a plain counter: unpacking twice is fine
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = unet(**unet_inputs()).sample
+        out.square().mean().backward()
+        return [out.detach(), *grads(unet)], sum(seen.values())
+
+    (kept, kept_bytes), (recomputed, recomputed_bytes) = run(False), run(True)
+    assert len(kept) == len(recomputed) and all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+    unet = tiny_unet(0)
+    ff2 = [m for p, m in unet.named_modules() if p.endswith("ff.net.2")]
+    convs = [m for p, m in unet.named_modules() if p.endswith(("conv1", "conv2")) and ".resnets." in p]
+    if checkpointing:  # inside checkpointed blocks x is saved as usual (checkpointing unpacks only once)
+        assert recomputed_bytes <= kept_bytes
+    else:  # every one of them (and a few embedding linears) recomputes
+        assert sum(hits) >= len(ff2) + len(convs) and recomputed_bytes < kept_bytes
+
+
+def test_a_recomputed_input_modified_in_place_fails_as_autograd_does():
+    """The recipe reads autograd's own saved operands, so an in-place change between forward and backward
+    raises autograd's error instead of giving a silently wrong gradient."""
+    model = nn.Sequential(nn.Linear(6, 5))
+    loha.inject(model, rank=2, target_modules=["0"])
+    randomize_adapters(model, seed=1)
+    h = torch.randn(3, 6, requires_grad=True)
+    gate = torch.randn(3, 6, requires_grad=True)
+    act = torch.nn.functional.gelu(gate)
+    y = model(h * act)
+    with torch.no_grad():
+        act.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
