@@ -100,13 +100,14 @@ def _cheap_init(unet: nn.Module, seed: int):
 def build_unet(model: str, device: torch.device, dtype: torch.dtype, seed: int, fake=None) -> nn.Module:
     """A fresh UNet with identical seeded weights every call, on ``device`` in ``dtype``; with ``fake`` (a
     FakeTensorMode) its storage is fake: the full SDXL UNet costs no memory."""
+    # nn.Module.to: diffusers' own .to() warns about fp32-kept modules on every cast, and these UNets have none
     if model == "tiny":
         with fake or contextlib.nullcontext():
-            return tiny_unet(seed).to(device=device, dtype=dtype)
+            return nn.Module.to(tiny_unet(seed), device=device, dtype=dtype)
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(dtype)
+        unet = nn.Module.to(UNet2DConditionModel(**SDXL_UNET_CONFIG), dtype)
     with fake or contextlib.nullcontext():
         unet = unet.to_empty(device=device)
         _cheap_init(unet, seed)
