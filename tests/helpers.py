@@ -32,3 +32,15 @@ def randomize_adapters(model, seed=0, std=0.3):
         for layer in loha.loha_layers(model).values():
             for f in layer.factors():
                 f.copy_(torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.dtype) * std)
+
+
+def randomize_lycoris(net, seed=3, std=0.3):
+    """Non-zero factors in a real LyCORIS network (its LoHa factors start with one half zero), and a
+    changed DoRA magnitude where there is one, as training would leave them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "hada_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif "dora_scale" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 import loha
 from loha.formats import kohya_state_dict
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, tiny_unet
-from tests.helpers import randomize_adapters, run_unet, unet_inputs
+from tests.helpers import randomize_adapters, randomize_lycoris, run_unet, unet_inputs
 
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -92,11 +92,7 @@ def test_real_lycoris_file_loads_into_ours(tmp_path, base_unet):
     LycorisNetwork.apply_preset({"target_module": ["Attention"]})
     net = LycorisNetwork(unet, multiplier=1.0, lora_dim=4, alpha=2, network_module="loha")
     net.apply_to()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "hada_w" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomize_lycoris(net, seed=3)
     inputs = unet_inputs()
     expected = run_unet(unet, inputs)
     net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, {})

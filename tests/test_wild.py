@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 import loha
 from loha.names import accepted_names, kohya_name, sgm_path
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, tiny_unet
-from tests.helpers import randomize_adapters, run_unet, unet_inputs
+from tests.helpers import randomize_adapters, randomize_lycoris, run_unet, unet_inputs
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
@@ -93,13 +93,7 @@ def test_real_lycoris_files_load_and_match_lycoris_forward(tmp_path, base_unet, 
     unet = copy.deepcopy(base_unet)
     net = lycoris_network(unet, preset, **options)
     net.apply_to()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "hada_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif "dora_scale" in name:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))  # a magnitude the training changed
+    randomize_lycoris(net, seed=3)
     inputs = unet_inputs()
     expected = run_unet(unet, inputs)
     net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, {})
