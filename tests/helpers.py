@@ -44,3 +44,16 @@ def randomize_lycoris(net, seed=3, std=0.3):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif "dora_scale" in name:
                 p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+
+
+def saved_lycoris(net, unet, path, seed=3):
+    """Apply a real LyCORIS network to ``unet``, randomize it, and save it with LyCORIS's own writer:
+    (the inputs, LyCORIS's own output for them, the file's tensors)."""
+    import safetensors.torch
+
+    net.apply_to()
+    randomize_lycoris(net, seed=seed)
+    inputs = unet_inputs()
+    expected = run_unet(unet, inputs)
+    net.save_weights(str(path), torch.float32, {})
+    return inputs, expected, safetensors.torch.load_file(path)

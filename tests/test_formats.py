@@ -11,7 +11,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 import loha
 from loha.formats import kohya_state_dict
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, tiny_unet
-from tests.helpers import randomize_adapters, randomize_lycoris, run_unet, unet_inputs
+from tests.helpers import randomize_adapters, run_unet, saved_lycoris, unet_inputs
 
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -91,12 +91,7 @@ def test_real_lycoris_file_loads_into_ours(tmp_path, base_unet):
     unet = copy.deepcopy(base_unet)
     LycorisNetwork.apply_preset({"target_module": ["Attention"]})
     net = LycorisNetwork(unet, multiplier=1.0, lora_dim=4, alpha=2, network_module="loha")
-    net.apply_to()
-    randomize_lycoris(net, seed=3)
-    inputs = unet_inputs()
-    expected = run_unet(unet, inputs)
-    net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, {})
-    keys = safetensors.torch.load_file(tmp_path / "lycoris.safetensors")
+    inputs, expected, keys = saved_lycoris(net, unet, tmp_path / "lycoris.safetensors")
     assert any(k.startswith("lycoris_") for k in keys)
     ours = copy.deepcopy(base_unet)
     assert len(loha.load(ours, tmp_path / "lycoris.safetensors")) == 136

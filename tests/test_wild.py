@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 import loha
 from loha.names import accepted_names, kohya_name, sgm_path
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, tiny_unet
-from tests.helpers import randomize_adapters, randomize_lycoris, run_unet, unet_inputs
+from tests.helpers import randomize_adapters, run_unet, saved_lycoris, unet_inputs
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
@@ -92,12 +92,7 @@ def test_real_lycoris_files_load_and_match_lycoris_forward(tmp_path, base_unet, 
                    weight_decompose="dora" in case, wd_on_out=case != "attn-mlp+dora-on-input")
     unet = copy.deepcopy(base_unet)
     net = lycoris_network(unet, preset, **options)
-    net.apply_to()
-    randomize_lycoris(net, seed=3)
-    inputs = unet_inputs()
-    expected = run_unet(unet, inputs)
-    net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, {})
-    keys = safetensors.torch.load_file(tmp_path / "lycoris.safetensors")
+    inputs, expected, keys = saved_lycoris(net, unet, tmp_path / "lycoris.safetensors")
     assert ("dora" in case) == any(k.endswith(".dora_scale") for k in keys)
     assert ("tucker" in case) == any(k.endswith(".hada_t1") for k in keys)
     ours = copy.deepcopy(base_unet)
