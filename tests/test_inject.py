@@ -124,7 +124,8 @@ def test_set_scale_refused_while_merged_and_merge_is_all_or_nothing(base_unet):
 
 @pytest.mark.slow
 def test_compiled_gradients_match_eager(base_unet):
-    """torch.compile traces our autograd.Function whole (no graph breaks): same loss and gradients."""
+    """torch.compile traces our autograd.Function whole (no graph breaks): same loss and gradients. With
+    the defaults (stacked storage; under compile each layer runs the per-layer Function on its views)."""
     unet = copy.deepcopy(base_unet)
     loha.inject(unet, rank=4)
     randomize_adapters(unet, std=0.3)
@@ -137,6 +138,6 @@ def test_compiled_gradients_match_eager(base_unet):
         grads.append((loss.detach(), [p.grad for p in loha.trainable_parameters(model)]))
     (l1, g1), (l2, g2) = grads
     assert torch.allclose(l1, l2, rtol=1e-5)
-    assert len(g1) == len(g2) == 544
+    assert len(g1) == len(g2) == 4  # 2 shapes × (hada_a, hada_b)
     for a, b in zip(g1, g2):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-9
