@@ -364,7 +364,7 @@ class _GroupedLayerFunction(torch.autograd.Function):
         weight = build.forward_weight(slot)
         _keep_input(ctx, x)
         ctx.build, ctx.slot, ctx.op, ctx.has_bias = build, slot, op, bias is not None
-        return op.forward(x, weight, bias if bias is None or bias.dtype is x.dtype else bias.to(x.dtype))
+        return op.forward(x, weight, _cast(bias, x.dtype))
 
     @staticmethod
     def backward(ctx, g):
@@ -622,11 +622,6 @@ class LoHaLayer(AdapterLayer):
         if self.module_dropout > 0:
             row = row * (torch.rand((), device=w.device) >= self.module_dropout).to(w.dtype)
         return row
-
-    def groupable(self) -> bool:
-        """True if this call can take the grouped path (else the per-layer Function runs)."""
-        return (self._forward_mode == "grouped" and self.__dict__.get("_stack") is not None
-                and not self._base_weight().requires_grad and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.multiplier == 0:
