@@ -56,11 +56,6 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _wide(t):
-    """t in fp32, or as it is when already fp32/fp64: the precision merges and DoRA are computed in."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def _scaled(t, coef):
     """t·coef in place; no op at all for the common coef 1 (alpha = rank)."""
     return t.mul_(coef) if isinstance(coef, torch.Tensor) or coef != 1.0 else t
@@ -579,7 +574,7 @@ class LoHaLayer(AdapterLayer):
         return super().__getattr__(name)
 
     def factors_fp32(self):
-        return [_wide(f) for f in self.factors()]
+        return [lm.wide(f) for f in self.factors()]
 
     def delta_weight(self) -> torch.Tensor:
         """scale·ΔW in fp32 (or the factors' dtype if wider), in the weight's shape, without dropout."""
@@ -587,7 +582,7 @@ class LoHaLayer(AdapterLayer):
 
     def effective_parameters(self):
         w = self.base_layer.weight
-        w32 = _wide(w.detach())
+        w32 = lm.wide(w.detach())
         if self.dora_scale is None:  # the very sum the forward builds, so a fused model computes what it did
             p1, p2 = lm.products([f.to(w.device) for f in self.factors_fp32()])
             new = {"weight": lm.add_delta(w32.flatten(1), p1, p2, self.scale, w32.dtype).view(w.shape)}
@@ -595,7 +590,7 @@ class LoHaLayer(AdapterLayer):
             unscaled = w32 + lm.delta(self.factors_fp32(), self.alpha / self.rank).view(w.shape).to(w.device)
             new = {"weight": lm.dora(unscaled, self.dora_scale.to(w.device, w32.dtype), w32, self.multiplier)}
         if self.diff_b is not None:
-            new["bias"] = _wide(self.base_layer.bias.detach()) + self.multiplier * self.diff_b.to(w32.dtype)
+            new["bias"] = lm.wide(self.base_layer.bias.detach()) + self.multiplier * self.diff_b.to(w32.dtype)
         return new
 
     def subtracted(self):
@@ -603,9 +598,9 @@ class LoHaLayer(AdapterLayer):
             raise LoHaError("a DoRA adapter merged without keep_original=True cannot be unmerged (its change is "
                             "not a sum); reload the base model")
         w = self.base_layer.weight
-        out = {"weight": _wide(w) - self.delta_weight().to(w.device)}
+        out = {"weight": lm.wide(w) - self.delta_weight().to(w.device)}
         if self.diff_b is not None:
-            out["bias"] = _wide(self.base_layer.bias) - self.multiplier * self.diff_b.to(out["weight"].dtype)
+            out["bias"] = lm.wide(self.base_layer.bias) - self.multiplier * self.diff_b.to(out["weight"].dtype)
         return out
 
     def _row_scale(self):
@@ -661,12 +656,12 @@ class LoHaLayer(AdapterLayer):
         row = self._row_scale()
         coef = self.scale if self.dora_scale is None else self.alpha / self.rank
         coef = coef if row is None else (row * coef)[:, None]
-        merged = _wide(w) + lm.delta(self.factors_fp32(), coef).view(w.shape)
+        merged = lm.wide(w) + lm.delta(self.factors_fp32(), coef).view(w.shape)
         if self.dora_scale is not None:
-            merged = lm.dora(merged, self.dora_scale.to(merged.dtype), _wide(w), self.multiplier)
+            merged = lm.dora(merged, self.dora_scale.to(merged.dtype), lm.wide(w), self.multiplier)
         bias = self.base_layer.bias
         if self.diff_b is not None:
-            bias = _wide(bias) + self.multiplier * self.diff_b.to(merged.dtype)
+            bias = lm.wide(bias) + self.multiplier * self.diff_b.to(merged.dtype)
         return self.op.forward(x, merged.to(x.dtype), _cast(bias, x.dtype))
 
     def extra_repr(self) -> str:
@@ -714,7 +709,7 @@ class DiffLayer(AdapterLayer):
         new = {}
         for name, d in (("weight", self.diff), ("bias", self.diff_b)):
             if d is not None:
-                base = _wide(self.base_layer._parameters[name].detach())
+                base = lm.wide(self.base_layer._parameters[name].detach())
                 new[name] = base + self.multiplier * d.to(base.device, base.dtype)
         return new
 
@@ -722,7 +717,7 @@ class DiffLayer(AdapterLayer):
         out = {}
         for name, d in (("weight", self.diff), ("bias", self.diff_b)):
             if d is not None:
-                base = _wide(self.base_layer._parameters[name])
+                base = lm.wide(self.base_layer._parameters[name])
                 out[name] = base - self.multiplier * d.to(base.device, base.dtype)
         return out
 

@@ -80,6 +80,11 @@ def pair_grads(g, p, a, b, t=None, coef=1.0):
     return half_grads(dp, a, b, t)
 
 
+def wide(t):
+    """t in fp32, or as it is when already fp32/fp64: the precision merges, DoRA and fits are computed in."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def dora(merged, dora_scale, weight, multiplier=1.0):
     """DoRA on a merged weight V = W + ΔW (any shape): D(V) = V·m/‖V‖, with the norm per output row when
     ``dora_scale`` is (out, 1, …) (LyCORIS ``wd_on_output``) or per input column when it is (1, in, …).

@@ -64,8 +64,7 @@ def resolved(adapter: formats.Adapter, skeleton: dict) -> dict[str, dict[str, Mo
 
 def delta_of(mw: ModuleWeights, shape) -> torch.Tensor:
     """alpha/rank·ΔW in fp32 (fp64 stays), in the weight's shape."""
-    return lm.delta([f.double() if f.dtype == torch.float64 else f.float() for f in mw.factors],
-                    mw.alpha / mw.rank).reshape(shape)
+    return lm.delta([lm.wide(f) for f in mw.factors], mw.alpha / mw.rank).reshape(shape)
 
 
 def apply_to(w32: torch.Tensor, mw: ModuleWeights, scale: float, part: str) -> torch.Tensor:
@@ -131,8 +130,7 @@ def _tensor_key(checkpoint: ck.Checkpoint, component: str, key: str, source: str
 
 
 def _edited(loader, edits: list, dtype) -> torch.Tensor:
-    w = loader()
-    w32 = w.double() if w.dtype == torch.float64 else w.float()
+    w32 = lm.wide(loader())
     for mw, scale, part in edits:
         w32 = apply_to(w32, mw, scale, part)
     if not torch.isfinite(w32).all():
