@@ -212,7 +212,7 @@ def indexed(file: Path, header: dict | None = None) -> dict[str, Tensor]:
 
 def single_file_names(skeleton: dict) -> dict:
     """{component: ({diffusers key: (single-file key, third of in_proj, transpose, squeeze)}, prefix)} for the
-    UNet and both text encoders of ``skeleton`` (the VAE's keys come from its own file: see ldm_key)."""
+    UNet and both text encoders of ``skeleton`` (the VAE's keys: vae_key)."""
     out = {}
     unet = skeleton["unet"]
     out["unet"] = ({k: (PREFIX["unet"] + names.sgm_path(k, unet), None, False, False)
@@ -227,20 +227,6 @@ def single_file_names(skeleton: dict) -> dict:
             te2[k] = (PREFIX["text_encoder_2"] + mapped[0], mapped[1], k == "text_projection.weight", False)
     out["text_encoder_2"] = (te2, PREFIX["text_encoder_2"])
     return out
-
-
-def ldm_key(component: str, key: str, vae_up_blocks: int, skeleton: dict) -> tuple[str, int | None]:
-    """The single-file key (and the third of a fused in_proj) of a diffusers tensor key."""
-    if component == "vae":
-        mapped = vae_key(key, vae_up_blocks)
-        return (None, None) if mapped is None else (PREFIX["vae"] + mapped, None)
-    if component == "unet":
-        mapped = names.sgm_path(key, skeleton["unet"])
-        return (None, None) if mapped is None else (PREFIX["unet"] + mapped, None)
-    if component == "text_encoder":
-        return PREFIX["text_encoder"] + names.text_path(key), None
-    mapped = openclip_key(key)
-    return (None, None) if mapped is None else (PREFIX["text_encoder_2"] + mapped[0], mapped[1])
 
 
 def vae_up_blocks(folder: Path) -> int:

@@ -121,12 +121,11 @@ def merge(base, adapters: list[tuple[str, float]], out, *, config=None, progress
 
 
 def _tensor_key(checkpoint: ck.Checkpoint, component: str, key: str, source: str) -> str:
-    index = checkpoint.tensors[component]
-    for candidate in (key, names.text_path(key), key.removeprefix("text_model.")):
-        if candidate in index:
-            return candidate
-    raise LoHaFileError(f"{source}: the base model has no {component} tensor {key}; the adapter was trained for "
-                        "another model")
+    found = _find(checkpoint, component, key)
+    if found not in checkpoint.tensors[component]:
+        raise LoHaFileError(f"{source}: the base model has no {component} tensor {key}; the adapter was trained "
+                            "for another model")
+    return found
 
 
 def _edited(loader, edits: list, dtype) -> torch.Tensor:
@@ -179,12 +178,17 @@ def _merge_to_single_file(checkpoint: ck.Checkpoint, skeleton, edits, out: Path,
             tensors[key] = Lazy(t.stored_dtype, t.stored_shape, make)
     else:
         up = ck.vae_up_blocks(checkpoint.path)
+        table = {c: by_key for c, (by_key, _) in ck.single_file_names(skeleton).items()}
         fused = defaultdict(dict)
         for component in ck.COMPONENTS:
             for key, t in checkpoint.tensors[component].items():
                 if key.endswith("position_ids"):
                     continue
-                name, third = ck.ldm_key(component, key, up, skeleton)
+                if component == "vae":
+                    mapped = ck.vae_key(key, up)
+                    name, third, transpose = None if mapped is None else ck.PREFIX["vae"] + mapped, None, False
+                else:
+                    name, third, transpose, _ = table[component].get(key, (None, None, False, False))
                 if name is None:
                     raise LoHaError(f"{component} tensor {key} has no single-file name; this is not a standard "
                                     "SDXL checkpoint")
@@ -193,7 +197,7 @@ def _merge_to_single_file(checkpoint: ck.Checkpoint, skeleton, edits, out: Path,
                 shape = t.stored_shape
                 if third is not None:
                     fused[name][third] = (t, make)
-                elif component == "text_encoder_2" and key == "text_projection.weight":
+                elif transpose:
                     tensors[name] = Lazy(t.stored_dtype, shape[::-1], lambda m=make: m().T.contiguous())
                 elif component == "vae" and len(shape) == 2 and ".mid.attn_1." in name:
                     tensors[name] = Lazy(t.stored_dtype, (*shape, 1, 1), lambda m=make: m()[:, :, None, None])
@@ -427,6 +431,8 @@ def extract(base, tuned, out, *, rank: int | None = None, target_error: float | 
 
 
 def _find(checkpoint, component, key):
+    """The checkpoint's name for a module tensor key (text encoder keys with or without ``text_model.``),
+    or the key itself when it has none."""
     index = checkpoint.tensors[component]
     return next((k for k in (key, names.text_path(key), key.removeprefix("text_model.")) if k in index), key)
 
@@ -481,8 +487,7 @@ def convert(adapter_path, out, *, to: str, dtype: str | None = None, config=None
     cast = DTYPES.get(dtype)
     base_model = adapter.base_model
     if to == "peft":
-        problem = next((formats._peft_incompatible(m, e) for _, m, e in parts if formats._peft_incompatible(m, e)),
-                       None)
+        problem = next(filter(None, (formats._peft_incompatible(m, e) for _, m, e in parts)), None)
         if problem:
             raise LoHaError(problem)
         with formats.atomic_directory(out) as tmp:
