@@ -377,7 +377,7 @@ def start_accelerator(args, held: contextlib.ExitStack):
             # adapters get no gradient; DDP must be told to expect that.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)])
     except ValueError as e:  # e.g. fp16 asked for on a machine without a GPU
-        raise LoHaError(str(e).splitlines()[0]) from None
+        raise LoHaError(loha_cli.first_line(e)) from None
     check_compile_supported(args, accelerator.device)
     if accelerator.is_main_process:
         held.enter_context(loha_runs.OutputLock(args.output_dir))
@@ -571,8 +571,7 @@ def load_hf_dataset(args):
                                             cache_dir=args.cache_dir)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
         cause = e.__cause__ or e  # DatasetGenerationError wraps the reason, e.g. a file_name with ../ in it
-        reason = (str(cause).strip() or type(cause).__name__).splitlines()[0]
-        raise LoHaError(f"cannot load --dataset_name {name}: {reason}") from None
+        raise LoHaError(f"cannot load --dataset_name {name}: {loha_cli.first_line(cause)}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise LoHaError(f"--dataset_name {name} has no 'train' split (it has {list(dataset)})")
@@ -912,8 +911,8 @@ def check_random_states(path: Path, accelerator):
         states = load(file)
         ok = isinstance(states, dict) and {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states)
     except Exception as e:  # noqa: BLE001 - torch.load's errors for a damaged file have many types
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise LoHaError(f"cannot resume from {path}: a state file is damaged ({file.name}: {reason})") from None
+        raise LoHaError(f"cannot resume from {path}: a state file is damaged ({file.name}: "
+                        f"{loha_cli.first_line(e)[:200]})") from None
     if not ok:
         raise LoHaError(f"cannot resume from {path}: a state file is damaged ({file.name} holds no random states)")
 
@@ -954,8 +953,8 @@ def resume_from_checkpoint(run: Run, args, plan: ResumePlan | None):
     try:
         run.accelerator.load_state(str(plan.path))
     except Exception as e:  # noqa: BLE001 - a damaged file fails in torch.load, pickle or safetensors alike
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoHaError(f"cannot resume from {plan.path}: a state file is damaged ({reason[:200]})") from None
+        raise LoHaError(f"cannot resume from {plan.path}: a state file is damaged "
+                        f"({loha_cli.first_line(e)[:200]})") from None
     scheduled = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler).last_epoch
     if scheduled != plan.step:
         raise LoHaError(f"cannot resume from {plan.path}: {STATE_FILE} says step {plan.step} but its scheduler "
@@ -1196,7 +1195,7 @@ def save_checkpoint(run: Run, args):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, without errno
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (
             f"disk full? {shutil.disk_usage(args.output_dir).free / 2**20:.1f} MiB free "
-            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
+            f"({loha_cli.first_line(e)})")
         raise LoHaError(f"could not write {final}: {reason}; the previous checkpoint "
                         f"({run.last_checkpoint or 'none'}) is intact") from None
     accelerator.wait_for_everyone()

@@ -20,6 +20,7 @@ import safetensors
 import torch
 
 from . import names
+from .cli import first_line
 from .formats import LoHaFileError, read_header
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -53,8 +54,8 @@ def skeletons(config: str | Path | None = None) -> dict:
             te1 = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))
             te2 = CLIPTextConfig.from_pretrained(str(folder / "text_encoder_2"))
         except (OSError, ValueError) as e:
-            raise LoHaFileError(f"cannot read the model configs in {folder}: {str(e).strip().splitlines()[0]}; give "
-                                "a diffusers SDXL folder") from None
+            raise LoHaFileError(f"cannot read the model configs in {folder}: {first_line(e)}; give a diffusers "
+                                "SDXL folder") from None
     with torch.device("meta"):
         return {"unet": UNet2DConditionModel.from_config(unet_config), "text_encoder": CLIPTextModel(te1),
                 "text_encoder_2": CLIPTextModelWithProjection(te2)}

@@ -1,5 +1,6 @@
 """What the three command lines share (train_loha_sdxl.py, infer.py, python -m loha): one-line usage errors
-with argparse's exit status 2, and help that states every flag's default once."""
+with argparse's exit status 2, help that states every flag's default once, and the one line of an
+exception that an error message quotes."""
 
 from __future__ import annotations
 
@@ -27,3 +28,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parser(description: str, prog: str | None = None) -> Parser:
     return Parser(description=description, formatter_class=HelpFormatter, prog=prog)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it says nothing: what a one-line error quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import names
+from .cli import first_line
 from .inject import (
     _matches,
     _require_adapters,
@@ -471,8 +472,7 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as e:  # safetensors raises its own error type and others for damaged files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LoHaFileError(f"{path.name} is damaged: {reason}") from None
+        raise LoHaFileError(f"{path.name} is damaged: {first_line(e)}") from None
     return tensors, metadata
 
 
