@@ -383,19 +383,26 @@ def saved_for_backward_bytes(v: Variant, inputs: dict, device, dtype) -> int:
     """Bytes of the tensors autograd keeps for backward in one training step, beyond the model's own
     parameters (counted once per storage). Exact and noise-free, on every device: this is where an
     adapter that saves an out×in ΔW per layer shows."""
-    resident = {p.untyped_storage().data_ptr() for p in v.unet.parameters()}
+    pack, saved = _saved_counter(v.unet)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(v, inputs, device, dtype)
+    return sum(saved.values())
+
+
+def _saved_counter(model: nn.Module):
+    """A saved-tensors pack hook that records each saved storage's bytes once (keyed by the storage itself,
+    which fake tensors have too), the model's parameters excluded; and the {storage: bytes} it fills."""
+    resident = {p.untyped_storage()._cdata for p in model.parameters()}
     saved = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in resident:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if storage._cdata not in resident:
+            saved[storage._cdata] = storage.nbytes()
         return t
 
     pack.loha_unpack_twice = True  # a plain counter: loha's input recipes stay on, as in a run without hooks
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train_step(v, inputs, device, dtype)
-    return sum(saved.values())
+    return pack, saved
 
 
 def build_variant(name, args, device, dtype) -> Variant:
@@ -599,17 +606,7 @@ def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
         train_step(v, inputs, device, dtype)
         draws.clear()
         counter = _op_counter()
-        resident = {p.untyped_storage()._cdata for p in v.unet.parameters()}
-        saved = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage._cdata not in resident:
-                saved[storage._cdata] = storage.nbytes()
-            return t
-
-        pack.loha_unpack_twice = True  # a plain counter: loha's input recipes stay on, as in training
-
+        pack, saved = _saved_counter(v.unet)
         sample = inputs["sample"].detach().requires_grad_(name == "floor")
         with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with autocast(device, dtype):
