@@ -3,6 +3,7 @@ together, chunk by chunk, saving only the inputs. Checked against float64 math a
 "merged" mode, including every way a build could go stale, and against what the optimizer, DDP,
 checkpointing and saving see of the stacked Parameters."""
 
+import contextlib
 import copy
 
 import pytest
@@ -44,6 +45,22 @@ class Toy(nn.Module):
 
 
 TARGETS = ["a", "b", "c", "d", "e", "f"]
+
+
+@contextlib.contextmanager
+def counting_saved():
+    """{storage: bytes} of every tensor autograd saves inside the block, parameters excluded. A plain
+    counter: it marks itself as one that lets loha's input recipes stay on."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    pack.loha_unpack_twice = True
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
 
 
 def toy_pair(dtype=torch.float32, use_tucker=False, **options):
@@ -343,14 +360,7 @@ def test_chunks_keep_what_is_saved_to_the_inputs(monkeypatch):
     monkeypatch.setattr(layer_module, "CHUNK_ELEMENTS", 130)  # several chunks per stack
 
     def saved_bytes(model, x):
-        seen = {}
-
-        def pack(t):
-            if not isinstance(t, nn.Parameter):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counting_saved() as seen:
             y = model(x)
         y.backward()
         return sum(seen.values())
@@ -460,15 +470,7 @@ def test_inputs_autograd_already_keeps_are_recomputed_bit_for_bit(monkeypatch, m
         loha.inject(unet, rank=4, preset="full", conv_rank=3, forward_mode=mode, stack=mode == "grouped")
         randomize_adapters(unet, seed=4, std=0.1)
         unet.train()
-        seen = {}
-
-        def pack(t):
-            if not isinstance(t, nn.Parameter):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        pack.loha_unpack_twice = True  # a plain counter: unpacking twice is fine
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counting_saved() as seen:
             out = unet(**unet_inputs()).sample
         out.square().mean().backward()
         return [out.detach(), *grads(unet)], sum(seen.values())
