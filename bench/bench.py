@@ -654,7 +654,7 @@ def count_all(args) -> dict:
             r["extra_all_per_layer"] = (r["all"] - sum(sum(floor["ops"][ph].values()) for ph in PHASES)) / r["adapted"]
             r["saved_over_floor_bytes"] = r["saved_for_backward_bytes"] - floor["saved_for_backward_bytes"]
     return {"config": run_config(args), "environment": environment(device), "counts": results,
-            "chunk_elements": loha.layer.CHUNK_ELEMENTS}
+            "chunk_elements": loha.layer.CHUNK_ELEMENTS, "kept_bytes": loha.layer.KEPT_BYTES}
 
 
 def count_table(report: dict) -> str:
@@ -662,7 +662,9 @@ def count_table(report: dict) -> str:
     lines = [f"{cfg['model']} UNet, {cfg['dtype']}, batch {cfg['batch_size']}, {cfg['resolution']}², rank "
              f"{cfg['rank']}, preset {cfg['preset']}, fused AdamW, one steady-state step"
              + (" under FakeTensorMode" if cfg["model"] == "sdxl" else "")
-             + f", grouped chunks of {report['chunk_elements']:,} elements; {report['environment']['date_utc']}; "
+             + f", grouped chunks of {report['chunk_elements']:,} elements, up to "
+             f"{report.get('kept_bytes', 0) / 2**20:g} MiB of them kept for backward; "
+             f"{report['environment']['date_utc']}; "
              f"torch {report['environment']['torch']}", "",
              "| variant | adapted | forward ops: launched · other | backward | optimizer "
              "| extra ops per adapted layer: "

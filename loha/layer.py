@@ -4,13 +4,15 @@ Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) w
 
 - ``"grouped"`` (default): the factors of all adapters of one shape live in a ``LoHaStack`` (four or six
   stacked Parameters). W + scale·ΔW is built for a whole chunk of same-shape layers at once, in fp32
-  and cast once to the compute dtype, and each layer then runs the plain op. The backward saves only
-  each layer's input (not even that where autograd already keeps what the input is computed from:
-  GEGLU's halves before ``ff.net.2``, the norm before a resnet conv). It rebuilds W + ΔW chunk by
-  chunk, in reverse order, collects every layer's weight gradient G, and computes the factor
-  gradients of a chunk in one batched pass. Autograd sees one node per layer and one per stack, and
-  the optimizer two (three) tensors per shape. This is the fastest mode and the leanest: nothing of
-  size out×in is kept between forward and backward, only a chunk or two in flight (BENCHMARKS.md).
+  and cast once to the compute dtype, and each layer then runs the plain op. While ``KEPT_BYTES`` allows
+  (512 MiB of built weights per step), a chunk is kept for backward: its layers' ops are autograd's own,
+  differentiated in C++, and the chunk's stacked weight gradient comes back in one piece. Past the budget
+  a chunk is rebuilt in backward and saves only each layer's input (not even that where autograd already
+  keeps what the input is computed from: GEGLU's halves before ``ff.net.2``, the norm before a resnet
+  conv); it rebuilds W + ΔW chunk by chunk, in reverse order, and collects every layer's weight gradient
+  G. Either way the factor gradients of a chunk are computed in one batched pass, and the optimizer sees
+  two (three) tensors per shape. This is the fastest mode, and within the budget the leanest: nothing of
+  size out×in is kept beyond it, only a chunk or two in flight (BENCHMARKS.md).
 - ``"merged"``: the same math per layer, in one hand-written Function per layer (also what runs under
   ``torch.compile`` and for adapters that are not stacked).
 - ``"bypass"``: op(x, W) + op(x, scale·ΔW): ΔW keeps its own relative precision (worth it only when
@@ -45,6 +47,13 @@ STACK_NAMES = ("hada_a", "hada_b", "hada_t")  # a LoHaStack's Parameters: both h
 # (BENCHMARKS.md §2, lever 7a), because fewer, larger chunks mean fewer ops and less Python per step.
 CHUNK_ELEMENTS = 1 << 25
 CACHED_CHUNKS = 2  # chunks of built weights kept in flight per stack, forward and backward alike
+# Up to this many bytes of built weights (all stacks together, per training step) are kept from forward
+# to backward instead of rebuilt: their layers then run the plain op on a differentiable view of the
+# chunk, so autograd's own C++ backward computes their weight gradients, with no Python Function per
+# layer and no rebuild (CPU tiny UNet: the step's overhead over the floor 0.45 → 0.25× PEFT LoHa's).
+# Past the budget, chunks are rebuilt in backward and nothing out×in is kept (SDXL 1024² bf16: the budget
+# bounds what keeping adds to saved-for-backward; BENCHMARKS.md §2, lever 17). 0 keeps nothing.
+KEPT_BYTES = 512 << 20
 
 
 class LoHaError(ValueError):
@@ -65,6 +74,12 @@ def _scaled(t, coef):
 _top_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
+def _plain_saving() -> bool:
+    """True unless saved-tensor hooks that may unpack a tensor only once are active (checkpointing)."""
+    hooks = _top_saved_tensor_hooks(False) if _top_saved_tensor_hooks is not None else ("unknown",)
+    return hooks is None or getattr(hooks[0], "loha_unpack_twice", False)
+
+
 def _input_recipe(x):
     """The autograd node x can be recomputed from without holding x, or None (then x itself is saved).
 
@@ -80,10 +95,7 @@ def _input_recipe(x):
     if torch.compiler.is_compiling():  # before touching grad_fn, which dynamo cannot trace
         return None
     node = x.grad_fn
-    if node is None:
-        return None
-    hooks = _top_saved_tensor_hooks(False) if _top_saved_tensor_hooks is not None else ("unknown",)
-    if hooks is not None and not getattr(hooks[0], "loha_unpack_twice", False):
+    if node is None or not _plain_saving():
         return None
     kind = type(node).__name__
     if kind == "SiluBackward0" or (kind == "MulBackward0" and all(f is not None for f, _ in node.next_functions)):
@@ -188,9 +200,11 @@ class _Build:
 
     A layer joins the current build if its slot is unused there and nothing the build depends on has
     changed (grad mode, dtype, scale, train/eval, the factors' and W's in-place versions); otherwise
-    it starts a new one. Forward: built weights by chunk, freed once used. Backward (grad builds only):
-    each layer's rebuilt weight for its input gradient, its G deposited, a chunk's factor gradients
-    computed when its last layer has deposited, and everything left over in ``finish``."""
+    it starts a new one. Forward: built weights by chunk. A grad build keeps a chunk for backward while
+    ``KEPT_BYTES`` allows (``_KeptChunkFunction``: autograd differentiates each layer's op and hands the
+    chunk's stacked G back); other chunks are freed once used. Backward of those: each layer's rebuilt
+    weight for its input gradient, its G deposited, a chunk's factor gradients computed when its last
+    layer has deposited, and everything left over in ``finish``."""
 
     def __init__(self, stack, dtype):
         layers = stack.layers
@@ -209,12 +223,15 @@ class _Build:
         self.chunks = [slice(i, min(i + size, len(layers))) for i in range(0, len(layers), size)]
         self.coef = self._coefficients()
         self.forward_cache, self.backward_cache = {}, {}
+        self.kept = {}  # chunk → its kept weights (views of a _KeptChunkFunction output) while layers are left
+        self.holds, self.weights_saved = {}, set()  # kept chunks' _Held, and those a layer's op saved
         self.forward_left = [s.stop - s.start for s in self.chunks]
         self.expected = [0] * len(self.chunks)  # layers of each chunk that ran forward in grad mode
         self.deposits = [dict() for _ in self.chunks]
         self.pieces = [None] * len(self.chunks)  # each chunk's factor gradients, once computed
         self.backward_started = False
         self.token = _GroupFunction.apply(self, *self.params) if self.grad else None
+        self.keeping = self.token is not None and self.token.requires_grad
 
     def _coefficients(self):
         """scale per layer, times the rank/module dropout mask of the layers in training: one float when
@@ -241,10 +258,9 @@ class _Build:
                 and self.weight_versions[slot] == weight._version and self.version == self._factor_version())
 
     def _build(self, c):
-        """(each layer's W + ΔW in the compute dtype, (P1, P2) paired) for chunk ``c``: the weights as a tuple
-        of views in the layers' own shape (one unbind, so a layer's lookup is a tuple index, not a select op),
-        the pair flat, (n, 2, out, in·k): the stack holds both halves side by side, so one matmul (or one
-        Tucker chain) builds both."""
+        """(each layer's W + ΔW in the compute dtype, (P1, P2) paired) for chunk ``c``: the weights stacked,
+        (n, *weight shape), the pair flat, (n, 2, out, in·k): the stack holds both halves side by side, so one
+        matmul (or one Tucker chain) builds both."""
         sl = self.chunks[c]
         if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
             weights = self.flat[sl.start].unsqueeze(0)
@@ -253,31 +269,57 @@ class _Build:
         pair = lm.half(*(f[sl] for f in self.params))
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
-        return built.view(-1, *self.weights[sl.start].shape).unbind(0), pair
+        return built.view(-1, *self.weights[sl.start].shape), pair
+
+    def _keeps(self, c) -> bool:
+        sl = self.chunks[c]
+        nbytes = (sl.stop - sl.start) * self.weights[0].numel() * self.dtype.itemsize
+        return self.keeping and _Held.total + nbytes <= KEPT_BYTES and _plain_saving()
 
     @staticmethod
     def _evict(cache):
         if len(cache) >= CACHED_CHUNKS:
             del cache[next(iter(cache))]
 
-    def forward_weight(self, slot):
+    def forward_weight(self, slot, x):
+        """The layer's W + ΔW for forward on input x: a view of a kept chunk (it requires grad: run the plain
+        op on it) or a tensor without grad (in a grad build: run _GroupedLayerFunction, rebuilt in backward).
+        A chunk is unbound once, so a layer's lookup is a tuple index, not a select op.
+
+        Not every layer of a kept chunk takes the kept view: under a hook that unpacks once (checkpointing)
+        none does, since its recomputation could not either; and where x has an input recipe, the plain op
+        would save x, which the rebuilt path does not, so x's bytes count against the budget too. The op
+        saves its weight only when x requires grad: a kept chunk none of whose layers saved it (cross-
+        attention's to_k/to_v) is freed after forward and stops counting against the budget."""
         self.used[slot] = True
         c = slot // self.chunk
-        built = self.forward_cache.get(c)
+        built = self.forward_cache.get(c) or self.kept.get(c)
         if built is None:
-            self._evict(self.forward_cache)
-            built = self.forward_cache[c] = self._build(c)[0]
+            if self._keeps(c):
+                built = self.kept[c] = _KeptChunkFunction.apply(self.token, self, c).unbind(0)
+            else:
+                self._evict(self.forward_cache)
+                with torch.no_grad():
+                    built = self.forward_cache[c] = self._build(c)[0].unbind(0)
+        plain = c in self.kept and _plain_saving()
+        if plain and _input_recipe(x) is not None:
+            plain = _Held.total + x.nbytes <= KEPT_BYTES
+            if plain:
+                self.holds[c].add(x.nbytes)
+        if plain and x.requires_grad:
+            self.weights_saved.add(c)
         left = self.forward_left[c] = self.forward_left[c] - 1
-        if self.grad:
+        if self.grad and not plain:
             self.expected[c] += 1
         if left == 0:
-            del self.forward_cache[c]
-        return built[slot - self.chunks[c].start]
+            self.forward_cache.pop(c, None)
+            if self.kept.pop(c, None) is not None and c not in self.weights_saved:
+                self.holds.pop(c).release()
+        weight = built[slot - self.chunks[c].start]
+        return weight if plain or not weight.requires_grad else weight.detach()
 
     def backward_weight(self, slot):
-        if not self.backward_started:
-            self.backward_started = True
-            self.forward_cache.clear()
+        self._start_backward()
         if self.weight_versions[slot] != self.weights[slot]._version:
             self._modified()
         c = slot // self.chunk
@@ -286,8 +328,15 @@ class _Build:
             if self.version != self._factor_version():
                 self._modified()
             self._evict(self.backward_cache)
-            cached = self.backward_cache[c] = self._build(c)
+            built, pair = self._build(c)
+            cached = self.backward_cache[c] = built.unbind(0), pair
         return cached[0][slot - self.chunks[c].start]
+
+    def _start_backward(self):
+        if not self.backward_started:
+            self.backward_started = True
+            self.forward_cache.clear()
+            self.kept.clear()
 
     @staticmethod
     def _modified():
@@ -311,13 +360,26 @@ class _Build:
         else:
             zero = None if len(deposits) == sl.stop - sl.start else present.new_zeros(()).expand_as(present)
             g = torch.stack([deposits.get(i, zero) for i in range(sl.start, sl.stop)])
+        self.deposits[c] = {}
+        self.expected[c] = 0
+        self._add_grads(c, g, pair)
+
+    def kept_grads(self, c, g):
+        """A kept chunk's factor gradients from its stacked G (n, *weight shape), the products recomputed."""
+        self._start_backward()
+        sl = self.chunks[c]
+        if self.version != self._factor_version() or any(
+                self.weight_versions[i] != self.weights[i]._version for i in range(sl.start, sl.stop)):
+            self._modified()
+        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*(f[sl] for f in self.params)))
+
+    def _add_grads(self, c, g, pair):
+        sl = self.chunks[c]
         g = g if g.dtype == pair.dtype else g.to(pair.dtype)
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         grads = lm.pair_grads(g, pair, *(f[sl] for f in self.params), coef=coef)
         old = self.pieces[c]
         self.pieces[c] = grads if old is None else [a + b for a, b in zip(old, grads)]
-        self.deposits[c] = {}
-        self.expected[c] = 0
 
     def finish(self):
         """The stack's factor gradients: every chunk with deposits computed, the others zero."""
@@ -325,6 +387,7 @@ class _Build:
         for c in range(len(self.chunks)):
             self._chunk_grads(c)
         self.forward_cache.clear()
+        self.kept.clear()
         self.backward_cache.clear()
         if all(p is None for p in self.pieces):
             return (None,) * len(self.params)
@@ -351,12 +414,53 @@ class _GroupFunction(torch.autograd.Function):
         return (None, *ctx.build.finish())
 
 
-class _GroupedLayerFunction(torch.autograd.Function):
-    """One layer of a grouped build: op(x, built W + ΔW); saves x only."""
+class _Held:
+    """Bytes of built weights kept for backward, counted model-wide against ``KEPT_BYTES`` until the chunk's
+    backward has run, or its graph is freed without one."""
+
+    total = 0
+
+    def __init__(self, nbytes):
+        self.nbytes = 0
+        self.add(nbytes)
+
+    def add(self, nbytes):
+        self.nbytes += nbytes
+        _Held.total += nbytes
+
+    def release(self):
+        _Held.total -= self.nbytes
+        self.nbytes = 0
+
+    __del__ = release
+
+
+class _KeptChunkFunction(torch.autograd.Function):
+    """A chunk of built weights (n, *weight shape) kept from forward to backward: its layers run the plain op
+    on its views, autograd stacks their weight gradients, and the backward turns them into the chunk's
+    factor gradients. The token input orders it before the stack's ``_GroupFunction``."""
 
     @staticmethod
-    def forward(ctx, x, token, bias, build, slot, op):
-        weight = build.forward_weight(slot)
+    def forward(ctx, token, build, c):
+        ctx.build, ctx.c = build, c
+        ctx.set_materialize_grads(False)
+        built = build._build(c)[0]
+        ctx.held = build.holds[c] = _Held(built.nbytes)
+        return built
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.held.release()
+        if g is not None:
+            ctx.build.kept_grads(ctx.c, g)
+        return None, None, None
+
+
+class _GroupedLayerFunction(torch.autograd.Function):
+    """One layer of a grouped build: op(x, built W + ΔW) for a chunk that is rebuilt in backward; saves x only."""
+
+    @staticmethod
+    def forward(ctx, x, token, bias, build, slot, op, weight):
         _keep_input(ctx, x)
         ctx.build, ctx.slot, ctx.op, ctx.has_bias = build, slot, op, bias is not None
         return op.forward(x, weight, _cast(bias, x.dtype))
@@ -369,7 +473,7 @@ class _GroupedLayerFunction(torch.autograd.Function):
         grad_x, gw, grad_b = ctx.op.backward(g, x, weight, need[0], need[1], need[2] and ctx.has_bias)
         if need[1]:
             build.deposit(ctx.slot, gw)
-        return grad_x, None, grad_b, None, None, None
+        return grad_x, None, grad_b, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------ the modules
@@ -639,10 +743,10 @@ class LoHaLayer(AdapterLayer):
         if stack is not None and d["_forward_mode"] == "grouped" and not weight.requires_grad \
                 and not torch.compiler.is_compiling():
             build = stack[0].build_for(self, stack[1], x.dtype, weight)
-            bias = base["bias"]
-            if build.grad:
-                return _GroupedLayerFunction.apply(x, build.token, bias, build, stack[1], self.op)
-            return self.op.forward(x, build.forward_weight(stack[1]), _cast(bias, x.dtype))
+            bias, built = base["bias"], build.forward_weight(stack[1], x)
+            if build.grad and not built.requires_grad:  # a chunk rebuilt in backward
+                return _GroupedLayerFunction.apply(x, build.token, bias, build, stack[1], self.op, built)
+            return self.op.forward(x, built, _cast(bias, x.dtype))  # no grad, or a kept chunk
         row = self._row_scale()
         coef = self.scale if row is None else (row * self.scale)[:, None]
         args = (base["weight"], base["bias"], coef, self._forward_mode != "bypass", self.op, *self.factors())

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import loha.layer
+
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -93,26 +95,32 @@ def test_a_run_cut_short_keeps_the_variants_it_finished(bench, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("preset", ["attn-only", "full"])
-def test_exact_counts_pin_the_default_path(bench, tmp_path, preset):
+def test_exact_counts_pin_the_default_path(bench, tmp_path, monkeypatch, preset):
     """bench.py --count on the tiny UNet: every variant counted per phase. The default path (grouped,
     stacked, fused AdamW) stays within issue 12's goals: at most 4 extra launched ops per adapted layer
-    per step, nothing saved beyond the floor's (with the full preset too: ff.net.2's and the resnet convs'
-    inputs are recomputed from what the floor keeps), few optimizer tensors; PEFT and LyCORIS cost more."""
+    per step, few optimizer tensors; PEFT and LyCORIS cost more. Saved beyond the floor's: at most the
+    kept chunks' budget, and with no chunk kept nothing at all (with the full preset too: ff.net.2's and
+    the resnet convs' inputs are recomputed from what the floor keeps)."""
     out = tmp_path / "count.json"
     argv = ["--count", "--model", "tiny", "--json", str(out), "--variants", "floor", "loha-grouped", "loha-merged",
             "peft-loha", "lycoris-loha", "--preset", preset]
     assert bench.main(argv) == 0
     counts = json.loads(out.read_text())["counts"]
+    budget = loha.layer.KEPT_BYTES
+    monkeypatch.setattr(loha.layer, "KEPT_BYTES", 0)
+    assert bench.main([*argv[:6], "floor", "loha-grouped", "--preset", preset]) == 0
+    rebuilt = json.loads(out.read_text())["counts"]["loha-grouped"]
+    assert rebuilt["saved_over_floor_bytes"] <= 0 and rebuilt["extra_launched_per_layer"] <= 4
     if preset == "full":
         grouped = counts["loha-grouped"]
         assert grouped["adapted"] == 263 and grouped["optimizer_tensors"] == 46
-        assert grouped["extra_launched_per_layer"] <= 4 and grouped["saved_over_floor_bytes"] <= 0
+        assert grouped["extra_launched_per_layer"] <= 4 and 0 < grouped["saved_over_floor_bytes"] <= budget
         assert counts["lycoris-loha"]["saved_over_floor_bytes"] > 2**20  # LyCORIS keeps 15 MiB more here
         return
     grouped = counts["loha-grouped"]
     assert grouped["adapted"] == 136 and grouped["optimizer_tensors"] == 4  # 2 stacks x (hada_a, hada_b)
     assert grouped["extra_launched_per_layer"] <= 4
-    assert grouped["saved_over_floor_bytes"] <= 0  # the layers' inputs only, which the floor saves as well
+    assert 0 < grouped["saved_over_floor_bytes"] <= budget  # kept weights; the inputs the floor saves as well
     for other in ("loha-merged", "peft-loha", "lycoris-loha"):
         assert counts[other]["extra_launched_per_layer"] > grouped["extra_launched_per_layer"]
         assert counts[other]["optimizer_tensors"] == 544
@@ -219,23 +227,32 @@ def test_sdxl_path_runs_one_step_on_cpu(bench, tmp_path):
 
 
 @pytest.mark.slow
-def test_sdxl_exact_counts_meet_the_goals(bench, tmp_path):
+def test_sdxl_exact_counts_meet_the_goals(bench, tmp_path, monkeypatch):
     """Issue 12's goals on the full SDXL config at 1024² bf16 (FakeTensorMode, no memory): the default path
     at most 4 extra launched ops per adapted layer per step and saved for backward at most the floor + 1 GiB,
-    with the attention preset and with the full one (convs included). With the full preset that needs the
-    input recipes: without them grouped saves +1480 MiB, the inputs of ff.net.2 and the resnet convs."""
+    with the attention preset and with the full one (convs included). Kept chunks add at most KEPT_BYTES
+    to what rebuilding every chunk saves, and that is exactly merged's: with the full preset it needs the
+    input recipes (without them +1480 MiB, the inputs of ff.net.2 and the resnet convs)."""
     out = tmp_path / "count.json"
+    budget = loha.layer.KEPT_BYTES
     for preset in ("attn-only", "full"):
         argv = ["--count", "--model", "sdxl", "--dtype", "bf16", "--resolution", "1024", "--preset", preset,
-                "--variants", "floor", "loha-grouped", "loha-merged", "peft-lora", "--json", str(out)]
-        assert bench.main(argv) == 0
+                "--json", str(out), "--variants"]
+        assert bench.main([*argv, "floor", "loha-grouped", "loha-merged", "peft-lora"]) == 0
         counts = json.loads(out.read_text())["counts"]
         grouped = counts["loha-grouped"]
         assert grouped["adapted"] == {"attn-only": 560, "full": 794}[preset]
         assert grouped["extra_launched_per_layer"] <= 4, grouped
-        assert grouped["saved_for_backward_bytes"] == counts["loha-merged"]["saved_for_backward_bytes"]
         assert grouped["saved_over_floor_bytes"] < counts["peft-lora"]["saved_over_floor_bytes"]
         assert grouped["saved_over_floor_bytes"] <= 2**30, grouped
+        monkeypatch.setattr(loha.layer, "KEPT_BYTES", 0)
+        assert bench.main([*argv, "loha-grouped"]) == 0
+        rebuilt = json.loads(out.read_text())["counts"]["loha-grouped"]
+        monkeypatch.setattr(loha.layer, "KEPT_BYTES", budget)
+        assert rebuilt["saved_for_backward_bytes"] == counts["loha-merged"]["saved_for_backward_bytes"]
+        kept = grouped["saved_for_backward_bytes"] - rebuilt["saved_for_backward_bytes"]
+        assert 0 < kept <= budget
+        assert grouped["launched"] <= rebuilt["launched"]
 
 
 # -- the speed work in loha/layer.py keeps the math: fast paths against float64 references -----------------

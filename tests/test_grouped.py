@@ -90,12 +90,26 @@ def assert_close_lists(xs, ys, rtol=1e-5, atol=1e-6):
             torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
+@pytest.fixture(params=["kept", "rebuilt"])
+def chunk_path(request, monkeypatch):
+    """Both ways a grouped chunk reaches backward: kept (within KEPT_BYTES: each layer's op is autograd's
+    own, the chunk's G comes back stacked) and rebuilt in backward (KEPT_BYTES = 0: per-layer Functions)."""
+    if request.param == "rebuilt":
+        monkeypatch.setattr(layer_module, "KEPT_BYTES", 0)
+    return request.param
+
+
 @pytest.fixture
 def count_builds(monkeypatch):
-    """(builds created, chunk weights built): the grouped path really ran, and how often."""
-    counts = {"builds": 0, "chunks": 0}
-    init, build = _Build.__init__, _Build._build
+    """(builds created, chunk weights built, chunks kept for backward): the grouped path really ran, and how."""
+    counts = {"builds": 0, "chunks": 0, "kept": 0}
+    init, build, held = _Build.__init__, _Build._build, layer_module._Held.__init__
 
+    def counting_held(self, nbytes):
+        counts["kept"] += 1
+        held(self, nbytes)
+
+    monkeypatch.setattr(layer_module._Held, "__init__", counting_held)
     def counting_init(self, *args):
         counts["builds"] += 1
         init(self, *args)
@@ -114,8 +128,9 @@ def count_builds(monkeypatch):
 @pytest.mark.parametrize(("chunk", "use_tucker", "mixed"), [
     pytest.param(c, t, m, marks=() if (c, t, m) in {(130, True, True), (1 << 16, False, False)} else pytest.mark.slow)
     for c in (1 << 16, 130) for t in (False, True) for m in (False, True)])
-def test_grouped_gradcheck_float64(monkeypatch, chunk, use_tucker, mixed):
-    """The whole grouped path (build, per-layer Functions, chunked backward) against numerical gradients."""
+def test_grouped_gradcheck_float64(monkeypatch, chunk_path, chunk, use_tucker, mixed):
+    """The whole grouped path (build, kept chunks or per-layer Functions, chunked backward) against numerical
+    gradients."""
     monkeypatch.setattr(layer_module, "CHUNK_ELEMENTS", chunk)
     model = Toy(torch.float64)
     loha.inject(model, rank=2, target_modules=TARGETS, use_tucker=use_tucker, dtype=torch.float64,
@@ -133,9 +148,9 @@ def test_grouped_gradcheck_float64(monkeypatch, chunk, use_tucker, mixed):
     assert torch.autograd.gradcheck(fn, (x, *params))
 
 
-def test_grouped_matches_merged_over_training_steps(count_builds):
+def test_grouped_matches_merged_over_training_steps(count_builds, chunk_path):
     """Three SGD steps, with gradient accumulation over two micro-batches per step: every output and
-    every gradient equals the per-layer mode; and the grouped path really ran."""
+    every gradient equals the per-layer mode; and the grouped path really ran, the way it was asked to."""
     merged, grouped = toy_pair()
     x = torch.randn(4, 5, 12)
     outs = {}
@@ -155,10 +170,13 @@ def test_grouped_matches_merged_over_training_steps(count_builds):
     for a, b in zip(outs["merged"], outs["grouped"]):
         assert_close_lists(a, b) if isinstance(a, list) else torch.testing.assert_close(a, b)
     assert count_builds["builds"] == 3 * 7  # 3 stacks (12→10, 10→18, conv) × (6 micro-batches + 1 no-grad)
+    # one chunk per stack here: kept, each micro-batch builds it once; rebuilt, twice (forward and backward)
+    assert count_builds["kept"] == (3 * 6 if chunk_path == "kept" else 0)
+    assert count_builds["chunks"] == 3 * 7 + (0 if chunk_path == "kept" else 3 * 6)
     assert len(loha.trainable_parameters(grouped)) == 6 and len(loha.trainable_parameters(merged)) == 24
 
 
-def test_grouped_tiny_unet_full_preset_with_mixed_ranks_alphas_and_tucker(count_builds):
+def test_grouped_tiny_unet_full_preset_with_mixed_ranks_alphas_and_tucker(count_builds, chunk_path):
     """The tiny UNet with the full preset (attention, MLPs, resnet convs, samplers, embeddings), Tucker
     convs, a second rank and scattered alphas: grouped/stacked equals per-layer merged."""
     unets = []
@@ -183,7 +201,7 @@ def test_grouped_tiny_unet_full_preset_with_mixed_ranks_alphas_and_tucker(count_
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_grouped_under_gradient_checkpointing(reentrant):
+def test_grouped_under_gradient_checkpointing(reentrant, chunk_path):
     merged, grouped = toy_pair()
     x = torch.randn(3, 12)
     for model in (merged, grouped):
@@ -207,7 +225,7 @@ def test_grouped_diffusers_gradient_checkpointing_matches_merged(count_builds):
     assert count_builds["builds"] > 2  # 2 stacks forward, more for the recomputed blocks
 
 
-def test_skipped_layer_and_two_forwards_before_backward():
+def test_skipped_layer_and_two_forwards_before_backward(chunk_path):
     merged, grouped = toy_pair()
     x = torch.randn(3, 12)
     for model in (merged, grouped):
@@ -275,7 +293,7 @@ def test_bf16_autocast_and_inference_mode_match_merged():
 
 
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
-def test_bf16_mixed_precision_matches_merged_bit_for_bit(base_dtype):
+def test_bf16_mixed_precision_matches_merged_bit_for_bit(base_dtype, chunk_path):
     """As the trainer runs it (fp32 factors, bf16 autocast, a bf16 or fp32 base): outputs bit for bit,
     gradients to fp32 rounding."""
     merged, grouped = toy_pair(dtype=base_dtype)
@@ -316,16 +334,17 @@ def test_trainable_base_weight_falls_back_to_the_per_layer_function():
     assert_close_lists(grads(merged), grads(grouped))
 
 
-def test_factor_changed_between_forward_and_backward_is_an_error():
+@pytest.mark.parametrize("what", ["factor", "base weight"])
+def test_factor_changed_between_forward_and_backward_is_an_error(chunk_path, what):
     _, grouped = toy_pair()
-    y = grouped(torch.randn(2, 12))
+    y = grouped(torch.randn(2, 12, requires_grad=True))
     with torch.no_grad():
-        grouped.a.hada_w1_b.add_(1.0)
+        (grouped.a.hada_w1_b if what == "factor" else grouped.d.base_layer.weight).add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         y.backward()
 
 
-def test_layer_whose_output_is_unused_gets_zeros_in_its_slice():
+def test_layer_whose_output_is_unused_gets_zeros_in_its_slice(chunk_path):
     """A stacked Parameter cannot be partly None: an unused layer (SDXL never reads the last CLIP-L
     layer) gets zeros in its slice, and its stack-mates their gradients; per-layer storage gives None."""
     merged, grouped = toy_pair()
@@ -341,7 +360,7 @@ def test_layer_whose_output_is_unused_gets_zeros_in_its_slice():
     assert_close_lists(gm[a], gg[a])
 
 
-def test_frozen_adapter_still_gives_the_input_its_gradient():
+def test_frozen_adapter_still_gives_the_input_its_gradient(chunk_path):
     merged, grouped = toy_pair()
     x = torch.randn(2, 12)
     xs = []
@@ -354,20 +373,58 @@ def test_frozen_adapter_still_gives_the_input_its_gradient():
     torch.testing.assert_close(xs[0], xs[1])
 
 
+def test_a_budget_that_keeps_some_chunks_gives_the_same_gradients(monkeypatch, count_builds):
+    """The tiny UNet, full preset (convs, input recipes), in small chunks with a budget that keeps only some
+    of them: one step mixes kept and rebuilt chunks, and gives the gradients of keeping none, and every
+    kept byte is released by the backward."""
+    monkeypatch.setattr(layer_module, "CHUNK_ELEMENTS", 1 << 14)
+    unet = tiny_unet(0)
+    loha.inject(unet, rank=4, preset="full", conv_rank=3)
+    randomize_adapters(unet, seed=6, std=0.1)
+    unet.train()
+
+    def step(budget):
+        monkeypatch.setattr(layer_module, "KEPT_BYTES", budget)
+        held, kept, chunks = layer_module._Held.total, count_builds["kept"], count_builds["chunks"]
+        unet.zero_grad(set_to_none=True)
+        out = unet(**unet_inputs()).sample
+        out.square().mean().backward()
+        assert layer_module._Held.total == held
+        return [out.detach(), *grads(unet)], count_builds["kept"] - kept, count_builds["chunks"] - chunks
+
+    rebuilt, no_kept, all_chunks = step(0)
+    mixed, some_kept, mixed_chunks = step(1 << 20)
+    everything, all_kept, kept_chunks = step(1 << 40)
+    assert no_kept == 0 and 0 < some_kept < all_kept and kept_chunks < mixed_chunks < all_chunks
+    assert_close_lists(rebuilt, mixed, rtol=1e-5, atol=1e-7)
+    assert_close_lists(rebuilt, everything, rtol=1e-5, atol=1e-7)
+
+
 def test_chunks_keep_what_is_saved_to_the_inputs(monkeypatch):
-    """What autograd keeps between forward and backward, counted with saved_tensors_hooks: grouped saves
-    the layers' inputs and nothing of size out×in, exactly as much as merged (plus nothing)."""
+    """What autograd keeps between forward and backward, counted with saved_tensors_hooks. Chunks rebuilt in
+    backward (KEPT_BYTES = 0) save the layers' inputs and nothing of size out×in, exactly as much as
+    merged (plus nothing); kept chunks add exactly the built weights of the layers whose input needs a
+    gradient (d, e, f; the op saves its weight only for the input gradient), once per chunk."""
     monkeypatch.setattr(layer_module, "CHUNK_ELEMENTS", 130)  # several chunks per stack
 
     def saved_bytes(model, x):
+        held = layer_module._Held.total  # other tests' discarded graphs may wait for the garbage collector
         with counting_saved() as seen:
             y = model(x)
+        if layer_module.KEPT_BYTES:
+            assert layer_module._Held.total > held
         y.backward()
+        assert layer_module._Held.total == held  # every kept chunk's bytes released by its backward
         return sum(seen.values())
 
     merged, grouped = toy_pair()
     x = torch.randn(3, 12)
-    assert saved_bytes(grouped, x) <= saved_bytes(merged, x)
+    kept = saved_bytes(grouped, x)
+    monkeypatch.setattr(layer_module, "KEPT_BYTES", 0)
+    rebuilt = saved_bytes(grouped, x)
+    assert rebuilt <= saved_bytes(merged, x)
+    weights = sum(m.base_layer.weight.numel() * 4 for p, m in loha.loha_layers(grouped).items() if p in "def")
+    assert kept == rebuilt + weights
 
 
 def test_stack_keeps_every_value_and_writes_through(tmp_path):
@@ -461,6 +518,8 @@ def test_inputs_autograd_already_keeps_are_recomputed_bit_for_bit(monkeypatch, m
         node = original(x)
         hits.append(node is not None)
         return node
+
+    monkeypatch.setattr(layer_module, "KEPT_BYTES", 0)  # recipes serve the chunks rebuilt in backward
 
     def run(recipes):
         monkeypatch.setattr(layer_module, "_input_recipe", counted if recipes else (lambda x: None))
