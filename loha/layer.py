@@ -257,16 +257,17 @@ class _Build:
                 and self.training[slot] is layer.training and self.weights[slot] is weight
                 and self.weight_versions[slot] == weight._version and self.version == self._factor_version())
 
-    def _build(self, c):
-        """(each layer's W + ΔW in the compute dtype, (P1, P2) paired) for chunk ``c``: the weights stacked,
+    def _build(self, c, for_grads=False):
+        """(each layer's W + ΔW in the compute dtype, the pair) for chunk ``c``: the weights stacked,
         (n, *weight shape), the pair flat, (n, 2, out, in·k): the stack holds both halves side by side, so one
-        matmul (or one Tucker chain) builds both."""
+        matmul (or one Tucker chain) builds both; ``for_grads``: in the order ``lm.pair_grads`` takes, (P2, P1)."""
         sl = self.chunks[c]
         if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
             weights = self.flat[sl.start].unsqueeze(0)
         else:
             weights = torch.stack(self.flat[sl])
-        pair = lm.half(*(f[sl] for f in self.params))
+        factors = [f[sl] for f in self.params]
+        pair = lm.half(*(lm.swapped(*factors) if for_grads else factors))
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
         return built.view(-1, *self.weights[sl.start].shape), pair
@@ -328,7 +329,7 @@ class _Build:
             if self.version != self._factor_version():
                 self._modified()
             self._evict(self.backward_cache)
-            built, pair = self._build(c)
+            built, pair = self._build(c, for_grads=True)
             cached = self.backward_cache[c] = built.unbind(0), pair
         return cached[0][slot - self.chunks[c].start]
 
@@ -353,7 +354,7 @@ class _Build:
         sl, deposits = self.chunks[c], self.deposits[c]
         if not deposits:
             return
-        _, pair = self.backward_cache.pop(c, None) or self._build(c)
+        _, pair = self.backward_cache.pop(c, None) or self._build(c, for_grads=True)
         present = next(iter(deposits.values()))
         if sl.stop - sl.start == 1:
             g = present.unsqueeze(0)
@@ -371,7 +372,7 @@ class _Build:
         if self.version != self._factor_version() or any(
                 self.weight_versions[i] != self.weights[i]._version for i in range(sl.start, sl.stop)):
             self._modified()
-        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*(f[sl] for f in self.params)))
+        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*lm.swapped(*(f[sl] for f in self.params))))
 
     def _add_grads(self, c, g, pair):
         sl = self.chunks[c]

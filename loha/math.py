@@ -27,8 +27,8 @@ def half(wa, wb, t=None):
 
 def half_grads(dp, wa, wb, t=None):
     """The gradients of ``half`` for the upstream gradient ``dp`` (flat): (∂Wka, ∂Wkb) or (∂Wka, ∂Wkb, ∂Tk)."""
-    if t is None:
-        return torch.matmul(dp, wb.transpose(-1, -2)), torch.matmul(wa.transpose(-1, -2), dp)
+    if t is None:  # ∂Wka as (Wkb·∂Pᵀ)ᵀ: the same product, 2-3× faster on CPU (MKL) than ∂P·Wkbᵀ
+        return torch.matmul(wb, dp.transpose(-1, -2)).transpose(-1, -2), torch.matmul(wa.transpose(-1, -2), dp)
     dp = dp.unflatten(-1, (wb.shape[-1], *t.shape[-2:]))  # (…, out, in, kh, kw)
     side = torch.einsum("...ip,...pchw->...ichw", wa, dp)  # ∂P pulled back through Wka
     return (torch.einsum("...ijhw,...jc,...pchw->...ip", t, wb, dp),
@@ -69,15 +69,20 @@ def factor_grads(g, factors, p1, p2, coef=1.0):
     return grads if t1 is None else (*grads, first[2], second[2])
 
 
-def pair_grads(g, p, a, b, t=None, coef=1.0):
-    """The gradients of paired halves (the stacked storage: index 0 of dim -3 is half 1, index 1 half 2, so
-    one matmul serves both) from G; p = (P1, P2) stacked the same way. Returns (∂A, ∂B) or (∂A, ∂B, ∂T)."""
+def swapped(a, b, t=None):
+    """Paired factors (the stacked storage: index 0 of dim -3 is half 1, index 1 half 2; of dim -5 for Tucker
+    cores) with the halves exchanged: ``half`` of them gives (P2, P1), which builds the same W + ΔW (the
+    product is symmetric) and is what ``pair_grads`` multiplies G by. Copies of the small factors only."""
+    return (a.flip(-3), b.flip(-3)) if t is None else (a.flip(-3), b.flip(-3), t.flip(-5))
+
+
+def pair_grads(g, p_swapped, a, b, t=None, coef=1.0):
+    """The gradients of paired halves from G; ``p_swapped`` = (P2, P1) stacked on dim -3 (``half`` of
+    ``swapped`` factors), overwritten: ∂P = coef·G ⊙ (P2, P1) in one in-place multiply, so one matmul serves
+    both halves. Returns (∂A, ∂B) or (∂A, ∂B, ∂T)."""
     if isinstance(coef, torch.Tensor) or coef != 1.0:
         g = g * coef
-    dp = torch.empty_like(p)
-    torch.mul(p[..., 1, :, :], g, out=dp[..., 0, :, :])  # ∂P1 = coef·G ⊙ P2
-    torch.mul(p[..., 0, :, :], g, out=dp[..., 1, :, :])  # ∂P2 = coef·G ⊙ P1
-    return half_grads(dp, a, b, t)
+    return half_grads(p_swapped.mul_(g.unsqueeze(-3)), a, b, t)
 
 
 def wide(t):

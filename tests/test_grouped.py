@@ -114,9 +114,9 @@ def count_builds(monkeypatch):
         counts["builds"] += 1
         init(self, *args)
 
-    def counting_build(self, c):
+    def counting_build(self, c, **options):
         counts["chunks"] += 1
-        return build(self, c)
+        return build(self, c, **options)
 
     monkeypatch.setattr(_Build, "__init__", counting_init)
     monkeypatch.setattr(_Build, "_build", counting_build)
