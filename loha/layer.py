@@ -95,8 +95,11 @@ def _input_recipe(x):
     if torch.compiler.is_compiling():  # before touching grad_fn, which dynamo cannot trace
         return None
     node = x.grad_fn
-    if node is None or not _plain_saving():
-        return None
+    return None if node is None or not _plain_saving() else _recipe_node(node)
+
+
+def _recipe_node(node):
+    """node if its output can be recomputed from what it saved (``_input_recipe``), else None."""
     kind = type(node).__name__
     if kind == "SiluBackward0" or (kind == "MulBackward0" and all(f is not None for f, _ in node.next_functions)):
         return node  # a Mul saves each operand when the other needs a gradient: both do here
@@ -303,7 +306,7 @@ class _Build:
                 with torch.no_grad():
                     built = self.forward_cache[c] = self._build(c)[0].unbind(0)
         plain = c in self.kept and _plain_saving()
-        if plain and _input_recipe(x) is not None:
+        if plain and x.grad_fn is not None and _recipe_node(x.grad_fn) is not None:
             plain = _Held.total + x.nbytes <= KEPT_BYTES
             if plain:
                 self.holds[c].add(x.nbytes)
@@ -445,7 +448,7 @@ class _KeptChunkFunction(torch.autograd.Function):
     def forward(ctx, token, build, c):
         ctx.build, ctx.c = build, c
         ctx.set_materialize_grads(False)
-        built = build._build(c)[0]
+        built = build._build(c)[0]  # its pair is recomputed in backward: held, it would cost 4× the budget
         ctx.held = build.holds[c] = _Held(built.nbytes)
         return built
 
