@@ -11,8 +11,8 @@ Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) w
   keeps what the input is computed from: GEGLU's halves before ``ff.net.2``, the norm before a resnet
   conv); it rebuilds W + ΔW chunk by chunk, in reverse order, and collects every layer's weight gradient
   G. Either way the factor gradients of a chunk are computed in one batched pass, and the optimizer sees
-  two (three) tensors per shape. This is the fastest mode, and within the budget the leanest: nothing of
-  size out×in is kept beyond it, only a chunk or two in flight (BENCHMARKS.md).
+  two (three) tensors per shape. This is the fastest mode; nothing of size out×in is kept beyond the
+  budget, only a chunk or two in flight (BENCHMARKS.md).
 - ``"merged"``: the same math per layer, in one hand-written Function per layer (also what runs under
   ``torch.compile`` and for adapters that are not stacked).
 - ``"bypass"``: op(x, W) + op(x, scale·ΔW): ΔW keeps its own relative precision (worth it only when
@@ -50,7 +50,7 @@ CACHED_CHUNKS = 2  # chunks of built weights kept in flight per stack, forward a
 # Up to this many bytes of built weights (all stacks together, per training step) are kept from forward
 # to backward instead of rebuilt: their layers then run the plain op on a differentiable view of the
 # chunk, so autograd's own C++ backward computes their weight gradients, with no Python Function per
-# layer and no rebuild (CPU tiny UNet: the step's overhead over the floor 0.45 → 0.25× PEFT LoHa's).
+# layer and no rebuild (CPU tiny UNet: the step's overhead over the floor 0.45 → 0.29× PEFT LoHa's).
 # Past the budget, chunks are rebuilt in backward and nothing out×in is kept (SDXL 1024² bf16: the budget
 # bounds what keeping adds to saved-for-backward; BENCHMARKS.md §2, lever 17). 0 keeps nothing.
 KEPT_BYTES = 512 << 20
