@@ -680,8 +680,10 @@ def test_aot_eager_compiled_training_equals_eager(tiny_pipeline_dir, tmp_path):
     assert a.keys() == b.keys()
     trained = [k for k in a if k.endswith("hada_w1_a")]  # zero at init (LyCORIS's init): moved only by training
     assert trained and all(a[k].abs().max() > 0 for k in trained)
+    # atol 1e-6: eager's kept chunks sum G in autograd's own order, and after three AdamW steps an entry near
+    # zero may differ by 2.6e-7 (seen); a wrong gradient moves entries by about the lr, 1e-4, per step
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -698,4 +700,5 @@ def test_inductor_cpu_weight_gradients_are_wrong():
         sys.path.remove(str(REPO / "bench"))
     worst = compile_check.worst_relative_error("cpu", adapter=False)
     assert worst > 0.1, f"compiled gradients now match eager (worst relative error {worst:.1e})"
-    assert compile_check.worst_relative_error("cpu", adapter=False, backend="aot_eager") < 1e-6  # not autograd's
+    # not autograd's: aot_eager stays at rounding level (1.2e-6 on an AMD EPYC VM, under 1e-6 on a Xeon)
+    assert compile_check.worst_relative_error("cpu", adapter=False, backend="aot_eager") < 1e-5
