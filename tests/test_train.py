@@ -680,10 +680,11 @@ def test_aot_eager_compiled_training_equals_eager(tiny_pipeline_dir, tmp_path):
     assert a.keys() == b.keys()
     trained = [k for k in a if k.endswith("hada_w1_a")]  # zero at init (LyCORIS's init): moved only by training
     assert trained and all(a[k].abs().max() > 0 for k in trained)
-    # atol 1e-6: eager's kept chunks sum G in autograd's own order, and after three AdamW steps an entry near
-    # zero may differ by 2.6e-7 (seen); a wrong gradient moves entries by about the lr, 1e-4, per step
+    # atol 1e-5, a tenth of one AdamW step (lr 1e-4): eager's stacked factor gradients round differently from
+    # the compiled per-layer ones (another GEMM layout), and where a gradient is near AdamW's eps that shows:
+    # 2.6e-7 and 2.9e-6 on one entry of 512 in two runs. A wrong gradient moves entries by about the lr.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
