@@ -234,7 +234,6 @@ class _Build:
         self.pieces = [None] * len(self.chunks)  # each chunk's factor gradients, once computed
         self.backward_started = False
         self.token = _GroupFunction.apply(self, *self.params) if self.grad else None
-        self.keeping = self.token is not None and self.token.requires_grad
 
     def _coefficients(self):
         """scale per layer, times the rank/module dropout mask of the layers in training: one float when
@@ -278,7 +277,8 @@ class _Build:
     def _keeps(self, c) -> bool:
         sl = self.chunks[c]
         nbytes = (sl.stop - sl.start) * self.weights[0].numel() * self.dtype.itemsize
-        return self.keeping and _Held.total + nbytes <= KEPT_BYTES and _plain_saving()
+        return (self.token is not None and self.token.requires_grad and _Held.total + nbytes <= KEPT_BYTES
+                and _plain_saving())
 
     @staticmethod
     def _evict(cache):
@@ -324,13 +324,11 @@ class _Build:
 
     def backward_weight(self, slot):
         self._start_backward()
-        if self.weight_versions[slot] != self.weights[slot]._version:
-            self._modified()
+        self._check_unchanged((slot,), factors=False)
         c = slot // self.chunk
         cached = self.backward_cache.get(c)
         if cached is None:
-            if self.version != self._factor_version():
-                self._modified()
+            self._check_unchanged((), factors=True)
             self._evict(self.backward_cache)
             built, pair = self._build(c, for_grads=True)
             cached = self.backward_cache[c] = built.unbind(0), pair
@@ -342,10 +340,12 @@ class _Build:
             self.forward_cache.clear()
             self.kept.clear()
 
-    @staticmethod
-    def _modified():
-        raise RuntimeError("a LoHa factor or base weight was modified in place between the forward and the "
-                           "backward (e.g. optimizer.step() before loss.backward()); run backward first")
+    def _check_unchanged(self, slots, factors):
+        """Raise if the base weight of any of ``slots`` or (``factors``) any factor changed in place since forward."""
+        if (factors and self.version != self._factor_version()) or any(
+                self.weight_versions[i] != self.weights[i]._version for i in slots):
+            raise RuntimeError("a LoHa factor or base weight was modified in place between the forward and the "
+                               "backward (e.g. optimizer.step() before loss.backward()); run backward first")
 
     def deposit(self, slot, g):
         c = slot // self.chunk
@@ -372,9 +372,7 @@ class _Build:
         """A kept chunk's factor gradients from its stacked G (n, *weight shape), the products recomputed."""
         self._start_backward()
         sl = self.chunks[c]
-        if self.version != self._factor_version() or any(
-                self.weight_versions[i] != self.weights[i]._version for i in range(sl.start, sl.stop)):
-            self._modified()
+        self._check_unchanged(range(sl.start, sl.stop), factors=True)
         self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*lm.swapped(*(f[sl] for f in self.params))))
 
     def _add_grads(self, c, g, pair):

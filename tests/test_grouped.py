@@ -111,6 +111,7 @@ def count_builds(monkeypatch):
         held(self, nbytes)
 
     monkeypatch.setattr(layer_module._Held, "__init__", counting_held)
+
     def counting_init(self, *args):
         counts["builds"] += 1
         init(self, *args)
