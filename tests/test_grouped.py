@@ -202,6 +202,17 @@ def test_grouped_tiny_unet_full_preset_with_mixed_ranks_alphas_and_tucker(count_
     assert count_builds["builds"] == len(loha.stack(copy.deepcopy(unets[0])))
 
 
+def test_second_backward_with_retain_graph_accumulates_the_same_gradients(chunk_path):
+    """backward(retain_graph=True) then backward again: twice the gradients, as per-layer merged gives."""
+    merged, grouped = toy_pair()
+    x = torch.randn(3, 12)
+    for model in (merged, grouped):
+        y = model(x)
+        y.backward(retain_graph=True)
+        y.backward()
+    assert_close_lists(grads(merged), grads(grouped))
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_grouped_under_gradient_checkpointing(reentrant, chunk_path):
     merged, grouped = toy_pair()
