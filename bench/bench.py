@@ -514,16 +514,33 @@ def launches(func) -> bool:
     return not (getattr(func, "is_view", False) or name in NON_LAUNCHING or name.startswith("prim."))
 
 
+def distinct_bytes(t: torch.Tensor) -> int:
+    """The bytes of t's distinct elements: an expanded (stride-0) dimension is read once, not per index."""
+    n = t.element_size()
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride else min(size, 1)
+    return n
+
+
+def moved_bytes(args, out) -> int:
+    """What a launched op reads and writes if nothing stays in cache between ops: the distinct bytes of its
+    tensor arguments (lists included) and of its outputs. An in-place op's output is its input, so that
+    tensor counts twice, once read and once written. A floor for the op's own memory traffic."""
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, out)) if isinstance(t, torch.Tensor)]
+    return sum(distinct_bytes(t) for t in tensors)
+
+
 def _op_counter():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
-        """Counts every aten op dispatched under it, by phase, launched or not (and by op, for reading)."""
+        """Counts every aten op dispatched under it, by phase, launched or not (and by op, for reading),
+        and the bytes the launched ones move (``moved_bytes``)."""
 
         def __init__(self):
             super().__init__()
             self.phase = "forward"
-            self.counts = {ph: {"launched": 0, "other": 0} for ph in PHASES}
+            self.counts = {ph: {"launched": 0, "other": 0, "moved_bytes": 0} for ph in PHASES}
             self.by_op = {}
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -531,10 +548,12 @@ def _op_counter():
                 return func(*args, **(kwargs or {}))
             kind = "launched" if launches(func) else "other"
             self.counts[self.phase][kind] += 1
+            out = func(*args, **(kwargs or {}))
             if kind == "launched":
                 key = (self.phase, str(func))
                 self.by_op[key] = self.by_op.get(key, 0) + 1
-            return func(*args, **(kwargs or {}))
+                self.counts[self.phase]["moved_bytes"] += moved_bytes((args, kwargs), out)
+            return out
 
     return Counter()
 
@@ -642,17 +661,20 @@ def count_all(args) -> dict:
                   "--model tiny", file=sys.stderr, flush=True)
             continue
         results[name] = count_variant(name, args, device, dtype, fake)
-        print(f"counted {name}: {sum(sum(c.values()) for c in results[name]['ops'].values())} ops",
+        print(f"counted {name}: {sum(c['launched'] + c['other'] for c in results[name]['ops'].values())} ops",
               file=sys.stderr, flush=True)
     floor = results.get("floor")
     for r in results.values():
         r["launched"] = sum(r["ops"][ph]["launched"] for ph in PHASES)
         r["all"] = r["launched"] + sum(r["ops"][ph]["other"] for ph in PHASES)
+        r["moved_bytes"] = sum(r["ops"][ph]["moved_bytes"] for ph in PHASES)
         if floor is not None and r["adapted"]:
             r["extra_launched_per_layer"] = (r["launched"] - sum(floor["ops"][ph]["launched"] for ph in PHASES)) \
                 / r["adapted"]
-            r["extra_all_per_layer"] = (r["all"] - sum(sum(floor["ops"][ph].values()) for ph in PHASES)) / r["adapted"]
+            floor_all = sum(floor["ops"][ph]["launched"] + floor["ops"][ph]["other"] for ph in PHASES)
+            r["extra_all_per_layer"] = (r["all"] - floor_all) / r["adapted"]
             r["saved_over_floor_bytes"] = r["saved_for_backward_bytes"] - floor["saved_for_backward_bytes"]
+            r["moved_over_floor_bytes"] = r["moved_bytes"] - sum(floor["ops"][ph]["moved_bytes"] for ph in PHASES)
     return {"config": run_config(args), "environment": environment(device), "counts": results,
             "chunk_elements": loha.layer.CHUNK_ELEMENTS, "kept_bytes": loha.layer.KEPT_BYTES}
 
@@ -668,15 +690,18 @@ def count_table(report: dict) -> str:
              f"torch {report['environment']['torch']}", "",
              "| variant | adapted | forward ops: launched · other | backward | optimizer "
              "| extra ops per adapted layer: "
-             "all · launched | saved for backward MiB | vs floor MiB | optimizer tensors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "all · launched | saved for backward MiB | vs floor MiB | optimizer tensors "
+             "| moved GB (launched ops) | vs floor GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in counts.items():
         ph = [f"{r['ops'][p]['launched']} · {r['ops'][p]['other']}" for p in PHASES]
         extra = (f"{r['extra_all_per_layer']:.1f} · {r['extra_launched_per_layer']:.2f}"
                  if "extra_launched_per_layer" in r else "")
         over = f"{r['saved_over_floor_bytes'] / 2**20:+.1f}" if "saved_over_floor_bytes" in r else ""
+        moved = f"{r['moved_over_floor_bytes'] / 1e9:+.3g}" if "moved_over_floor_bytes" in r else ""
         lines.append(f"| {name} | {r['adapted']} | {' | '.join(ph)} | {extra} | "
-                     f"{r['saved_for_backward_bytes'] / 2**20:.1f} | {over} | {r['optimizer_tensors']} |")
+                     f"{r['saved_for_backward_bytes'] / 2**20:.1f} | {over} | {r['optimizer_tensors']} | "
+                     f"{r['moved_bytes'] / 1e9:.3g} | {moved} |")
     return "\n".join(lines) + "\n"
 
 
