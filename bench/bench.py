@@ -663,18 +663,17 @@ def count_all(args) -> dict:
         results[name] = count_variant(name, args, device, dtype, fake)
         print(f"counted {name}: {sum(c['launched'] + c['other'] for c in results[name]['ops'].values())} ops",
               file=sys.stderr, flush=True)
-    floor = results.get("floor")
     for r in results.values():
         r["launched"] = sum(r["ops"][ph]["launched"] for ph in PHASES)
         r["all"] = r["launched"] + sum(r["ops"][ph]["other"] for ph in PHASES)
         r["moved_bytes"] = sum(r["ops"][ph]["moved_bytes"] for ph in PHASES)
+    floor = results.get("floor")
+    for r in results.values():
         if floor is not None and r["adapted"]:
-            r["extra_launched_per_layer"] = (r["launched"] - sum(floor["ops"][ph]["launched"] for ph in PHASES)) \
-                / r["adapted"]
-            floor_all = sum(floor["ops"][ph]["launched"] + floor["ops"][ph]["other"] for ph in PHASES)
-            r["extra_all_per_layer"] = (r["all"] - floor_all) / r["adapted"]
+            r["extra_launched_per_layer"] = (r["launched"] - floor["launched"]) / r["adapted"]
+            r["extra_all_per_layer"] = (r["all"] - floor["all"]) / r["adapted"]
             r["saved_over_floor_bytes"] = r["saved_for_backward_bytes"] - floor["saved_for_backward_bytes"]
-            r["moved_over_floor_bytes"] = r["moved_bytes"] - sum(floor["ops"][ph]["moved_bytes"] for ph in PHASES)
+            r["moved_over_floor_bytes"] = r["moved_bytes"] - floor["moved_bytes"]
     return {"config": run_config(args), "environment": environment(device), "counts": results,
             "chunk_elements": loha.layer.CHUNK_ELEMENTS, "kept_bytes": loha.layer.KEPT_BYTES}
 

@@ -62,14 +62,14 @@ def main(argv=None) -> int:
                    "and predict the positional ones")
     p.add_argument("--json", default=None, help="also write the fits here")
     args = p.parse_args(argv)
+    fit_path = args.fit_on or args.counts
     loaded = {}
-    for path in {args.counts, args.fit_on or args.counts}:
+    for path in {args.counts, fit_path}:
         loaded[path] = json.loads(Path(path).read_text())["counts"]
         if any("moved_bytes" not in c for c in loaded[path].values()):
             print(f"error: {path} has no moved_bytes (counted before bench.py tallied them); count it again "
                   "with bench.py --count", file=sys.stderr)
             return 1
-    fit_path = args.fit_on or args.counts
     missing = [v for v in ANCHORS_MS if v not in loaded[fit_path]]
     if missing:
         print(f"error: {fit_path} lacks the anchor variants {missing}; count them with bench.py --count, or fit "
