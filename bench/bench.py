@@ -807,34 +807,43 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@torch.no_grad()
 def precision_table(size: int = 640, seed: int = 0) -> str:
     """The merged forward's precision cost, measured: with a bf16 base, W + ΔW is rounded to W's precision
-    step, so the ΔW the forward really applies differs from the trained one; bypass rounds ΔW alone.
-    Reported: ‖ΔW_effective − ΔW‖/‖ΔW‖ at mean |ΔW| of 1e-5, 1e-4, 1e-3 on an SDXL-sized attention weight
-    (std 0.02), and the same for the layer's output change x·ΔWᵀ, which is what the next layer sees."""
+    step, so the ΔW the forward really applies differs from the trained one; bypass rounds ΔW alone; grouped
+    (the default) rounds W + ΔW as merged does, from products rounded to bf16. Reported: ‖ΔW_effective −
+    ΔW‖/‖ΔW‖ at mean |ΔW| of 1e-5, 1e-4, 1e-3 on an SDXL-sized attention weight (std 0.02), and the same for
+    the layer's output change x·ΔWᵀ, which is what the next layer sees. Merged's and grouped's effective
+    ΔW are read out of the layer (an identity input makes its output the built weight, exactly); bypass's
+    is bf16(ΔW) by construction (its output rounding hides it)."""
     gen = torch.Generator().manual_seed(seed)
     weight = (torch.randn(size, size, generator=gen) * 0.02).to(torch.bfloat16)
     x = torch.randn(64, size, generator=gen).to(torch.bfloat16)
-    base = nn.Linear(size, size, bias=False).to(torch.bfloat16)
+    eye = torch.eye(size, dtype=torch.bfloat16)
+    base = nn.Linear(size, size, bias=False).to(torch.bfloat16).requires_grad_(False)
     base.weight.copy_(weight)
     layer = loha.LoHaLinear(base, 8)
-    lines = ["| mean abs ΔW | ΔW rel. error merged | ΔW rel. error bypass | output-change rel. error merged "
-             "| output-change rel. error bypass |", "|---|---|---|---|---|"]
+    loha.stack(nn.ModuleList([layer]))
+    modes = ("merged", "grouped", "bypass")
+    lines = ["| mean abs ΔW | " + " | ".join(f"ΔW rel. error {m}" for m in modes) + " | "
+             + " | ".join(f"output-change rel. error {m}" for m in modes) + " |", "|---" * 7 + "|"]
     for magnitude in (1e-5, 1e-4, 1e-3):
-        for p in layer.factors():
-            p.normal_(generator=gen)
-        layer.hada_w1_a.mul_(magnitude / layer.delta_weight().abs().mean())
-        dw = layer.delta_weight().double()
+        with torch.no_grad():
+            for p in layer.factors():
+                p.normal_(generator=gen)
+            layer.factors()[0].mul_(magnitude / layer.delta_weight().abs().mean())
+        dw = layer.delta_weight().detach().double()
         w = weight.double()
-        applied = {"merged": (w + dw).to(torch.bfloat16).double() - w, "bypass": dw.to(torch.bfloat16).double()}
+        applied = {"bypass": dw.to(torch.bfloat16).double()}
         true_change = x.double() @ dw.T
-        row = [f"{magnitude:g}"]
-        row += [f"{((applied[m] - dw).norm() / dw.norm()).item():.3g}" for m in ("merged", "bypass")]
-        for mode in ("merged", "bypass"):
+        changes = {}
+        for mode in modes:
             layer.forward_mode = mode
-            change = layer(x).double() - (x.double() @ w.T)
-            row.append(f"{((change - true_change).norm() / true_change.norm()).item():.3g}")
+            if mode != "bypass":  # in grad mode: a training build (without grad, grouped's pair is fp32)
+                applied[mode] = layer(eye).T.detach().double() - w
+            changes[mode] = layer(x).detach().double() - (x.double() @ w.T)
+        row = [f"{magnitude:g}"]
+        row += [f"{((applied[m] - dw).norm() / dw.norm()).item():.3g}" for m in modes]
+        row += [f"{((changes[m] - true_change).norm() / true_change.norm()).item():.3g}" for m in modes]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -214,6 +214,7 @@ class _Build:
         self.stack, self.layers, self.dtype = stack, layers, dtype
         self.params = stack.factors()
         self.grad = torch.is_grad_enabled()
+        self.math = _math_factors(self.params, dtype) if self.grad else self.params
         self.version = self._factor_version()
         self.weights = [m._base_weight() for m in layers]
         self.flat = [w if w.dim() == 2 else w.flatten(1) for w in self.weights]
@@ -238,7 +239,7 @@ class _Build:
     def _coefficients(self):
         """scale per layer, times the rank/module dropout mask of the layers in training: one float when
         every layer has the same scale and none drops out, else (L, out, 1) in the factors' dtype."""
-        layers, p = self.layers, self.params[0]
+        layers, p = self.layers, self.math[0]
         dropping = [m.training and (m.rank_dropout > 0 or m.module_dropout > 0) for m in layers]
         if len(set(self.scales)) == 1 and not any(dropping):
             return self.scales[0]
@@ -268,7 +269,7 @@ class _Build:
             weights = self.flat[sl.start].unsqueeze(0)
         else:
             weights = torch.stack(self.flat[sl])
-        factors = [f[sl] for f in self.params]
+        factors = [f[sl] for f in self.math]
         pair = lm.half(*(lm.swapped(*factors) if for_grads else factors))
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
@@ -373,13 +374,13 @@ class _Build:
         self._start_backward()
         sl = self.chunks[c]
         self._check_unchanged(range(sl.start, sl.stop), factors=True)
-        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*lm.swapped(*(f[sl] for f in self.params))))
+        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*lm.swapped(*(f[sl] for f in self.math))))
 
     def _add_grads(self, c, g, pair):
         sl = self.chunks[c]
         g = g if g.dtype == pair.dtype else g.to(pair.dtype)
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
-        grads = lm.pair_grads(g, pair, *(f[sl] for f in self.params), coef=coef)
+        grads = lm.pair_grads(g, pair, *(f[sl] for f in self.math), coef=coef)
         old = self.pieces[c]
         self.pieces[c] = grads if old is None else [a + b for a, b in zip(old, grads)]
 
@@ -393,12 +394,25 @@ class _Build:
         self.backward_cache.clear()
         if all(p is None for p in self.pieces):
             return (None,) * len(self.params)
-        pieces = [p if p is not None else [torch.zeros_like(f[s]) for f in self.params]
+        pieces = [p if p is not None else [torch.zeros_like(f[s]) for f in self.math]
                   for p, s in zip(self.pieces, self.chunks)]
         self.pieces = [None] * len(self.chunks)
-        if len(pieces) == 1:
-            return tuple(pieces[0])
-        return tuple(torch.cat(parts) for parts in zip(*pieces))
+        grads = pieces[0] if len(pieces) == 1 else [torch.cat(parts) for parts in zip(*pieces)]
+        return tuple(_cast(g, p.dtype) for g, p in zip(grads, self.params))
+
+
+def _math_factors(params, dtype):
+    """The stacked factors a training build runs on: cast once per build to a 16-bit compute dtype (what
+    autocast does to PEFT's and LyCORIS's products), else as they are. A 16-bit pair halves the bytes of
+    every pass over it (built, summed into W, multiplied by G, read by both gradient GEMMs: SDXL full
+    preset +304 → +156 GB a step, BENCHMARKS.md §2 lever 20); W + ΔW is still summed with one rounding
+    (``lm.add_delta``), and the gradients return in the factors' dtype. Builds without grad keep the
+    factors' precision: written and read once there, the pair costs little, and an unfused model then
+    computes exactly the weights ``merge`` folds in."""
+    if dtype not in (torch.bfloat16, torch.float16) or params[0].dtype.itemsize <= dtype.itemsize:
+        return params
+    with torch.no_grad():
+        return tuple(p.to(dtype) for p in params)
 
 
 class _GroupFunction(torch.autograd.Function):

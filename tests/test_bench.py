@@ -130,6 +130,24 @@ def test_exact_counts_pin_the_default_path(bench, tmp_path, monkeypatch, preset)
     assert not bench.launches(torch.ops.aten.empty.memory_format)
 
 
+@pytest.mark.parametrize("preset", ["attn-only", "full"])
+def test_bf16_training_pair_moves_fewer_bytes_than_peft_loha(bench, tmp_path, monkeypatch, preset):
+    """Under bf16 the default builds its pair in bf16 for training (lever 20): the bytes its launched ops
+    move over the floor's fall below PEFT LoHa's (tiny UNet: +0.042 / +0.185 GB against +0.056 / +0.256),
+    where the fp32 pair moved more (+0.069 / +0.322)."""
+    out = tmp_path / "count.json"
+    argv = ["--count", "--model", "tiny", "--dtype", "bf16", "--json", str(out), "--preset", preset, "--variants"]
+    assert bench.main([*argv, "floor", "loha-grouped", "peft-loha"]) == 0
+    counts = json.loads(out.read_text())["counts"]
+    monkeypatch.setattr(loha.layer, "_math_factors", lambda params, dtype: params)  # the pair in fp32
+    assert bench.main([*argv, "floor", "loha-grouped"]) == 0
+    fp32_pair = json.loads(out.read_text())["counts"]["loha-grouped"]
+    ours, peft = counts["loha-grouped"], counts["peft-loha"]
+    assert ours["moved_over_floor_bytes"] < peft["moved_over_floor_bytes"] < fp32_pair["moved_over_floor_bytes"]
+    assert ours["moved_over_floor_bytes"] < 0.65 * fp32_pair["moved_over_floor_bytes"]
+    assert ours["extra_launched_per_layer"] <= 4
+
+
 def test_full_preset_variants_adapt_the_same_modules(bench):
     """--preset full: ours, PEFT (Linear and Conv2d) and LyCORIS's own full preset land on the same 263
     tiny-UNet modules, convs included."""
