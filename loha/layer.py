@@ -3,8 +3,10 @@
 Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) with op = linear or conv2d:
 
 - ``"grouped"`` (default): the factors of all adapters of one shape live in a ``LoHaStack`` (four or six
-  stacked Parameters). W + scale·ΔW is built for a whole chunk of same-shape layers at once, in fp32
-  and cast once to the compute dtype, and each layer then runs the plain op. While ``KEPT_BYTES`` allows
+  stacked Parameters). W + scale·ΔW is built for a whole chunk of same-shape layers at once, summed
+  once and cast to the compute dtype, and each layer then runs the plain op. A training build under a
+  16-bit compute dtype runs its pair (P1, P2) and factor-gradient math in that dtype, as autocast would;
+  otherwise, and always without grad, the pair stays in the factors' dtype (``_math_factors``). While ``KEPT_BYTES`` allows
   (512 MiB of built weights per step), a chunk is kept for backward: its layers' ops are autograd's own,
   differentiated in C++, and the chunk's stacked weight gradient comes back in one piece. Past the budget
   a chunk is rebuilt in backward and saves only each layer's input (not even that where autograd already
