@@ -61,6 +61,7 @@ VARIANTS = ("floor", "loha-grouped", "loha-merged", "loha-bypass", "peft-loha", 
 ON_REQUEST = ("python-floor",)  # not in the default set: a reference point, not an implementation
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = list(loha.DEFAULT_TARGETS)  # the attention linears (bench/quality.py uses them too)
+TOP_OPS = 12  # the most frequent (phase, op) pairs kept per variant in --count JSON
 
 
 class BenchError(Exception):
@@ -642,7 +643,7 @@ def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
     return {"adapted": len(extras.get("adapted", [])), "optimizer_tensors": len(params),
             "params": sum(p.numel() for p in params), "ops": counter.counts,
             "saved_for_backward_bytes": sum(saved.values()),
-            "top_ops": sorted(([ph, op, n] for (ph, op), n in counter.by_op.items()), key=lambda r: -r[2])[:12]}
+            "top_ops": sorted(([ph, op, n] for (ph, op), n in counter.by_op.items()), key=lambda r: -r[2])[:TOP_OPS]}
 
 
 def count_all(args) -> dict:
@@ -683,7 +684,7 @@ def count_table(report: dict) -> str:
     lines = [f"{cfg['model']} UNet, {cfg['dtype']}, batch {cfg['batch_size']}, {cfg['resolution']}², rank "
              f"{cfg['rank']}, preset {cfg['preset']}, fused AdamW, one steady-state step"
              + (" under FakeTensorMode" if cfg["model"] == "sdxl" else "")
-             + f", grouped chunks of {report['chunk_elements']:,} elements, up to "
+             + f", grouped chunks of {report['chunk_elements']:,} elements (twice that with a 16-bit pair), up to "
              f"{report.get('kept_bytes', 0) / 2**20:g} MiB of them kept for backward; "
              f"{report['environment']['date_utc']}; "
              f"torch {report['environment']['torch']}", "",

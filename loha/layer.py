@@ -6,15 +6,15 @@ Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) w
   stacked Parameters). W + scale·ΔW is built for a whole chunk of same-shape layers at once, summed
   once and cast to the compute dtype, and each layer then runs the plain op. A training build under a
   16-bit compute dtype runs its pair (P1, P2) and factor-gradient math in that dtype, as autocast would;
-  otherwise, and always without grad, the pair stays in the factors' dtype (``_math_factors``). While ``KEPT_BYTES`` allows
-  (512 MiB of built weights per step), a chunk is kept for backward: its layers' ops are autograd's own,
-  differentiated in C++, and the chunk's stacked weight gradient comes back in one piece. Past the budget
-  a chunk is rebuilt in backward and saves only each layer's input (not even that where autograd already
-  keeps what the input is computed from: GEGLU's halves before ``ff.net.2``, the norm before a resnet
-  conv); it rebuilds W + ΔW chunk by chunk, in reverse order, and collects every layer's weight gradient
-  G. Either way the factor gradients of a chunk are computed in one batched pass, and the optimizer sees
-  two (three) tensors per shape. This is the fastest mode; nothing of size out×in is kept beyond the
-  budget, only a chunk or two in flight (BENCHMARKS.md).
+  otherwise, and always without grad, the pair stays in the factors' dtype (``_math_factors``). While
+  ``KEPT_BYTES`` allows (512 MiB of built weights per step), a chunk is kept for backward: its layers'
+  ops are autograd's own, differentiated in C++, and the chunk's stacked weight gradient comes back in
+  one piece. Past the budget a chunk is rebuilt in backward and saves only each layer's input (not even
+  that where autograd already keeps what the input is computed from: GEGLU's halves before
+  ``ff.net.2``, the norm before a resnet conv); it rebuilds W + ΔW chunk by chunk, in reverse order, and
+  collects every layer's weight gradient G. Either way the factor gradients of a chunk are computed in
+  one batched pass, and the optimizer sees two (three) tensors per shape. This is the fastest mode;
+  nothing of size out×in is kept beyond the budget, only a chunk or two in flight (BENCHMARKS.md).
 - ``"merged"``: the same math per layer, in one hand-written Function per layer (also what runs under
   ``torch.compile`` and for adapters that are not stacked).
 - ``"bypass"``: op(x, W) + op(x, scale·ΔW): ΔW keeps its own relative precision (worth it only when
@@ -42,9 +42,11 @@ FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER_NAMES = (*FACTOR_NAMES, "hada_t1", "hada_t2")
 STACK_NAMES = ("hada_a", "hada_b", "hada_t")  # a LoHaStack's Parameters: both halves of each factor, paired
 
-# A grouped build works on chunks of same-shape layers of about this many weight elements: a chunk of
-# 1280×1280 SDXL layers is 20 layers and the 10240×1280 GEGLU projections 2 (about 14 launched ops a
-# chunk), while what a chunk holds in flight in backward (W+ΔW, P1 and P2 in fp32, G) stays near 0.5 GiB.
+# A grouped build works on chunks of same-shape layers of about this many weight elements, twice as many
+# for a 16-bit pair (a training build under bf16/fp16: the same bytes in flight): with an fp32 pair a chunk
+# of 1280×1280 SDXL layers is 20 layers and the 10240×1280 GEGLU projections 2 (about 14 launched ops a
+# chunk), while what a chunk holds in flight in backward (W+ΔW, P1 and P2, G) stays near 0.5 GiB either way
+# (BENCHMARKS.md §2, lever 21: SDXL bf16 1.57 → 1.29 launched extra ops per layer).
 # CPU and GPU alike: on CPU the smaller 2^16 that kept a chunk in L2 is slower since the backward rebuilds
 # (BENCHMARKS.md §2, lever 7a), because fewer, larger chunks mean fewer ops and less Python per step.
 CHUNK_ELEMENTS = 1 << 25
@@ -217,6 +219,8 @@ class _Build:
         self.params = stack.factors()
         self.grad = torch.is_grad_enabled()
         self.math = _math_factors(self.params, dtype) if self.grad else self.params
+        with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
+            self.swapped = lm.swapped(*self.math) if self.grad else self.math
         self.version = self._factor_version()
         self.weights = [m._base_weight() for m in layers]
         self.flat = [w if w.dim() == 2 else w.flatten(1) for w in self.weights]
@@ -224,7 +228,7 @@ class _Build:
         self.scales = [m.scale for m in layers]
         self.training = [m.training for m in layers]
         self.used = [False] * len(layers)
-        size = max(1, CHUNK_ELEMENTS // self.weights[0].numel())
+        size = max(1, CHUNK_ELEMENTS * max(1, 4 // self.math[0].dtype.itemsize) // self.weights[0].numel())
         self.chunk = size
         self.chunks = [slice(i, min(i + size, len(layers))) for i in range(0, len(layers), size)]
         self.coef = self._coefficients()
@@ -262,17 +266,18 @@ class _Build:
                 and self.training[slot] is layer.training and self.weights[slot] is weight
                 and self.weight_versions[slot] == weight._version and self.version == self._factor_version())
 
-    def _build(self, c, for_grads=False):
+    def _build(self, c):
         """(each layer's W + ΔW in the compute dtype, the pair) for chunk ``c``: the weights stacked,
         (n, *weight shape), the pair flat, (n, 2, out, in·k): the stack holds both halves side by side, so one
-        matmul (or one Tucker chain) builds both; ``for_grads``: in the order ``lm.pair_grads`` takes, (P2, P1)."""
+        matmul (or one Tucker chain) builds both. In a grad build the pair is (P2, P1), built from the halves
+        swapped once per build (``self.swapped``; P2 ⊙ P1 is the same W + ΔW, bit for bit), so forward,
+        rebuild and ``lm.pair_grads`` share one order and no chunk flips its factors."""
         sl = self.chunks[c]
         if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
             weights = self.flat[sl.start].unsqueeze(0)
         else:
             weights = torch.stack(self.flat[sl])
-        factors = [f[sl] for f in self.math]
-        pair = lm.half(*(lm.swapped(*factors) if for_grads else factors))
+        pair = lm.half(*(f[sl] for f in self.swapped))
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
         return built.view(-1, *self.weights[sl.start].shape), pair
@@ -333,7 +338,7 @@ class _Build:
         if cached is None:
             self._check_unchanged((), factors=True)
             self._evict(self.backward_cache)
-            built, pair = self._build(c, for_grads=True)
+            built, pair = self._build(c)
             cached = self.backward_cache[c] = built.unbind(0), pair
         return cached[0][slot - self.chunks[c].start]
 
@@ -360,7 +365,7 @@ class _Build:
         sl, deposits = self.chunks[c], self.deposits[c]
         if not deposits:
             return
-        _, pair = self.backward_cache.pop(c, None) or self._build(c, for_grads=True)
+        _, pair = self.backward_cache.pop(c, None) or self._build(c)
         present = next(iter(deposits.values()))
         if sl.stop - sl.start == 1:
             g = present.unsqueeze(0)
@@ -376,7 +381,7 @@ class _Build:
         self._start_backward()
         sl = self.chunks[c]
         self._check_unchanged(range(sl.start, sl.stop), factors=True)
-        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*lm.swapped(*(f[sl] for f in self.math))))
+        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*(f[sl] for f in self.swapped)))
 
     def _add_grads(self, c, g, pair):
         sl = self.chunks[c]

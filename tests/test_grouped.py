@@ -616,6 +616,29 @@ def test_a_recomputed_input_modified_in_place_fails_as_autograd_does():
         y.sum().backward()
 
 
+def test_a_16bit_pair_takes_twice_the_elements_per_chunk(monkeypatch, count_builds):
+    """Chunks are sized by the pair's bytes in flight: with CHUNK_ELEMENTS = 130 the 12×10 stack (120
+    elements a layer) is one layer per chunk with an fp32 pair, two with a bf16 pair (a training build
+    under bf16 autocast); the kept chunks' gradients still match merged's."""
+    monkeypatch.setattr(layer_module, "CHUNK_ELEMENTS", 130)
+    merged, grouped = toy_pair()
+    x = torch.randn(4, 12)
+    grouped(x).backward()
+    fp32_chunks = count_builds["chunks"]
+    count_builds["chunks"] = 0
+    grouped.zero_grad()
+    ys = []
+    for model in (merged, grouped):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ys.append(model(x))
+        ys[-1].float().backward()
+    # one _build per chunk in forward (a kept chunk recomputes its pair without it): a, b, c take 3 fp32
+    # chunks and 2 bf16 ones; d and the two 3×3 convs one each either way
+    assert (fp32_chunks, count_builds["chunks"]) == (5, 4)
+    for a, b in zip(grads(merged), grads(grouped), strict=True):
+        assert ((a - b).norm() / a.norm()).item() < 2e-2
+
+
 def test_bf16_factor_gradients_against_float64_and_peft_loha():
     """The price of the 16-bit pair, measured against exact gradients: with a loss linear in the outputs
     (a fixed, bf16-exact upstream gradient r), G = rᵀx does not depend on the forward's rounding, so float64
