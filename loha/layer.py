@@ -244,7 +244,7 @@ class _Build:
 
     def _coefficients(self):
         """scale per layer, times the rank/module dropout mask of the layers in training: one float when
-        every layer has the same scale and none drops out, else (L, out, 1) in the factors' dtype."""
+        every layer has the same scale and none drops out, else (L, out, 1) in the pair's dtype."""
         layers, p = self.layers, self.math[0]
         dropping = [m.training and (m.rank_dropout > 0 or m.module_dropout > 0) for m in layers]
         if len(set(self.scales)) == 1 and not any(dropping):

@@ -342,12 +342,14 @@ def test_16bit_autocast_builds_w_plus_delta_once_from_a_16bit_pair(compute, base
         assert not torch.equal(got, w.to(compute))  # ΔW is there
 
 
+@pytest.mark.parametrize("alphas", [None, {"b": 5.0}])
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
-def test_bf16_mixed_precision_matches_merged(base_dtype, chunk_path):
+def test_bf16_mixed_precision_matches_merged(base_dtype, chunk_path, alphas):
     """As the trainer runs it (fp32 factors, bf16 autocast, a bf16 or fp32 base): merged keeps its pair
     in fp32, grouped builds it in bf16, so outputs agree to bf16 rounding and gradients to what bf16 G
-    gives; the gradients come back in the factors' fp32."""
-    merged, grouped = toy_pair(dtype=base_dtype)
+    gives; the gradients come back in the factors' fp32. With per-layer alphas the coefficient is a bf16
+    tensor too."""
+    merged, grouped = toy_pair(dtype=base_dtype, alphas=alphas)
     x = torch.randn(4, 12, dtype=base_dtype)
     ys = []
     for model in (merged, grouped):
