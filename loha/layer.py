@@ -385,7 +385,7 @@ class _Build:
 
     def _add_grads(self, c, g, pair):
         sl = self.chunks[c]
-        g = g if g.dtype == pair.dtype else g.to(pair.dtype)
+        g = _cast(g, pair.dtype)
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         grads = lm.pair_grads(g, pair, *(f[sl] for f in self.math), coef=coef)
         old = self.pieces[c]
