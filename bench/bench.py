@@ -13,6 +13,9 @@ One process, one device, one loop for every variant:
     python-floor  (on request) the floor with a do-nothing Python autograd.Function on each target linear
                   that computes the exact weight gradient and discards it: what any Python-level adapter
                   with exact gradients pays before doing any LoHa math
+    grad-floor    (on request) the floor with the targets' base weights trainable (linears and convs), no
+                  optimizer: autograd's exact weight gradients and nothing else, the part of an adapter's
+                  overhead that no exact method avoids
 
     python bench/bench.py --model tiny --device cpu --threads 1 --rounds 20 --steps 5 --json bench-cpu.json
     python bench/bench.py --model sdxl --device cuda --dtype bf16 --resolution 1024 --batch_size 1 \
@@ -58,7 +61,7 @@ import loha  # noqa: E402
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_unet  # noqa: E402
 
 VARIANTS = ("floor", "loha-grouped", "loha-merged", "loha-bypass", "peft-loha", "lycoris-loha", "peft-lora")
-ON_REQUEST = ("python-floor",)  # not in the default set: a reference point, not an implementation
+ON_REQUEST = ("python-floor", "grad-floor")  # not in the default set: a reference point, not an implementation
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = list(loha.DEFAULT_TARGETS)  # the attention linears (bench/quality.py uses them too)
 TOP_OPS = 12  # the most frequent (phase, op) pairs kept per variant in --count JSON
@@ -175,6 +178,11 @@ def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"
     targets = loha.preset_targets(unet, preset)
     if name == "python-floor":
         params, extras["adapted"] = _python_floor(unet, targets)
+    elif name == "grad-floor":
+        modules = dict(unet.named_modules())
+        params = [modules[path].weight.requires_grad_(True) for path in targets]
+        extras["adapted"], extras["no_optimizer"] = targets, True
+        return params, extras  # the base weights as they are: no fp32 copy, no optimizer
     elif name.startswith("loha-"):
         mode = name.split("-")[1]
         loha.inject(unet, rank=rank, alpha=rank, preset=preset, forward_mode=mode, stack=mode == "grouped")
@@ -299,8 +307,8 @@ class Variant:
     gradients_checked: bool = False
 
 
-def make_optimizer(params, kind: str):
-    if not params:
+def make_optimizer(params, kind: str, extras=None):
+    if not params or (extras or {}).get("no_optimizer"):
         return None
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **{kind: True})
 
@@ -326,6 +334,9 @@ def train_step(v: Variant, inputs: dict, device, dtype):
     if v.optimizer is not None:
         v.optimizer.step()
         v.optimizer.zero_grad(set_to_none=True)
+    elif v.extras.get("no_optimizer"):
+        for p in v.params:  # grad-floor: each step computes its gradients afresh, no accumulation
+            p.grad = None
     return loss
 
 
@@ -415,7 +426,7 @@ def build_variant(name, args, device, dtype) -> Variant:
     unet.train()
     if args.compile:
         unet = torch.compile(unet)
-    return Variant(name, unet, params, make_optimizer(params, args.optimizer), extras)
+    return Variant(name, unet, params, make_optimizer(params, args.optimizer, extras), extras)
 
 
 def run_steps(v: Variant, inputs, device, dtype, steps: int):
@@ -617,7 +628,7 @@ def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
         unet.enable_gradient_checkpointing()
     params, extras = add_adapter(name, unet, args.rank, args.preset)
     unet.train()
-    v = Variant(name, unet, params, make_optimizer(params, "fused"), extras)
+    v = Variant(name, unet, params, make_optimizer(params, "fused", extras), extras)
     inputs = make_inputs(args.model, args.batch_size, args.resolution, device, dtype, args.seed)
     draws = []
     scalar_draws = _python_scalar_draws(draws) if fake is not None and name.startswith("peft") \
@@ -640,7 +651,7 @@ def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
             if v.optimizer is not None:
                 v.optimizer.step()
                 v.optimizer.zero_grad(set_to_none=True)
-    return {"adapted": len(extras.get("adapted", [])), "optimizer_tensors": len(params),
+    return {"adapted": len(extras.get("adapted", [])), "optimizer_tensors": 0 if v.optimizer is None else len(params),
             "params": sum(p.numel() for p in params), "ops": counter.counts,
             "saved_for_backward_bytes": sum(saved.values()),
             "top_ops": sorted(([ph, op, n] for (ph, op), n in counter.by_op.items()), key=lambda r: -r[2])[:TOP_OPS]}
@@ -712,6 +723,11 @@ def add_ratios(results: dict):
                 r[f"step_vs_{ref}"] = r["step_median_s"] / results[ref]["step_median_s"]
         if "floor" in results:
             floor = results["floor"]
+            if "peft-loha" in results and r is not floor:  # issue 12's measure: overhead over the floor
+                for stat in ("median", "min"):
+                    key, peft = f"step_{stat}_s", results["peft-loha"]
+                    r[f"overhead_{stat}_vs_peft-loha"] = (r[key] - floor[key]) / (peft[key] - floor[key]) \
+                        if peft[key] > floor[key] else None
             for key in ("unfused_s", "fused_s"):
                 if key in r and "unfused_s" in floor:
                     r[f"{key[:-2]}_vs_floor"] = r[key] / floor["unfused_s"]
@@ -792,16 +808,20 @@ def markdown_table(report: dict) -> str:
         + (f"; **partial: {report['partial']}** (the run stopped early)" if report.get("partial") else ""),
         "",
         "| variant | params | step median ms | step min ms | vs floor | vs PEFT LoHa | vs LyCORIS "
+        "| overhead vs PEFT LoHa's: median · min "
         f"| {'peak GiB (max allocated)' if on_gpu else 'peak memory'} | saved for backward MiB "
         "| infer unfused ms | infer fused ms | unfused vs floor | fused vs floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         saved = r.get("saved_for_backward_bytes")
+        overhead = [r.get(f"overhead_{stat}_vs_peft-loha") for stat in ("median", "min")]
+        overhead = "" if None in overhead else f"{overhead[0]:.2f} · {overhead[1]:.2f}"
         lines.append(
             f"| {name} | {r['params']:,} | {_ms(r['step_median_s'])} | {_ms(r['step_min_s'])} "
             f"| {_ratio(r.get('step_vs_floor'))} | {_ratio(r.get('step_vs_peft-loha'))} "
-            f"| {_ratio(r.get('step_vs_lycoris-loha'))} | {_mem(r['peak_memory_bytes'] if on_gpu else None, on_gpu)} "
+            f"| {_ratio(r.get('step_vs_lycoris-loha'))} | {overhead} "
+            f"| {_mem(r['peak_memory_bytes'] if on_gpu else None, on_gpu)} "
             f"| {'n/a' if saved is None else f'{saved / 2**20:.1f}'} "
             f"| {_ms(r.get('unfused_s'))} | {_ms(r.get('fused_s'))} "
             f"| {_ratio(r.get('unfused_vs_floor'))} | {_ratio(r.get('fused_vs_floor'))} |")

@@ -60,6 +60,16 @@ def test_tiny_bench_runs_every_variant_and_reports_consistent_numbers(bench, tin
         assert r["step_vs_peft-loha"] == pytest.approx(r["step_median_s"] / results["peft-loha"]["step_median_s"])
         assert r["unfused_s"] > 0
         assert f"| {name} | {r['params']:,} | {r['step_median_s'] * 1e3:.1f} |" in table
+        if name != "floor":  # issue 12's goal metric: the step's overhead over the floor relative to PEFT's
+            floor, peft = results["floor"], results["peft-loha"]
+            for stat in ("median", "min"):
+                mine = r[f"step_{stat}_s"] * 1e3 - floor[f"step_{stat}_s"] * 1e3
+                theirs = peft[f"step_{stat}_s"] * 1e3 - floor[f"step_{stat}_s"] * 1e3
+                assert r[f"overhead_{stat}_vs_peft-loha"] == pytest.approx(mine / theirs)
+            row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+            assert f"| {r['overhead_median_vs_peft-loha']:.2f} · {r['overhead_min_vs_peft-loha']:.2f} |" in row
+    assert "overhead_median_vs_peft-loha" not in results["floor"]
+    assert results["peft-loha"]["overhead_median_vs_peft-loha"] == pytest.approx(1.0)
     assert results["loha-merged"]["fused_s"] > 0 and results["peft-loha"]["fused_s"] > 0
     assert "fused_s" not in results["floor"]
     assert report["environment"]["torch"] == torch.__version__
@@ -449,6 +459,38 @@ def test_python_floor_takes_each_exact_weight_gradient_and_only_that(bench):
     assert wrapped.params[0].grad.item() == pytest.approx(expected.item(), rel=1e-4)
     with pytest.raises(bench.BenchError, match="Linear layers only"):
         bench.add_adapter("python-floor", bench.build_unet("tiny", device, dtype, 0), 8, "full")
+
+
+def test_grad_floor_computes_the_targets_exact_weight_gradients_and_nothing_else(bench):
+    """The on-request lower bound of any exact adapter: the full preset's base weights (convs included)
+    get autograd's gradients afresh each step, the model's outputs are the floor's, and no optimizer runs;
+    in bf16 the weights stay bf16 (no fp32 copies, unlike adapter factors)."""
+    args = bench.parse_args(["--model", "tiny", "--preset", "full", "--variants", "grad-floor"])
+    device, dtype = torch.device("cpu"), torch.float32
+    inputs = bench.make_inputs("tiny", 1, 64, device, dtype, 0)
+    v = bench.build_variant("grad-floor", args, device, dtype)
+    assert v.optimizer is None and len(v.params) == len(v.extras["adapted"]) == 263
+    modules = dict(v.unet.named_modules())
+    assert {type(modules[p]).__name__ for p in v.extras["adapted"]} == {"Linear", "Conv2d"}
+    captured = {}
+    handles = [p.register_hook(lambda g, i=i: captured.setdefault(i, g.clone())) for i, p in enumerate(v.params)]
+    first = bench.train_step(v, inputs, device, dtype)
+    assert all(p.grad is None for p in v.params)  # reset after the step: the next one does not accumulate
+    second = bench.train_step(v, inputs, device, dtype)
+    for h in handles:
+        h.remove()
+    assert first.item() == second.item() and len(captured) == 263  # no optimizer moved a weight
+    # the same gradients from a plain reference: the floor's UNet with those weights made trainable
+    reference = bench.build_variant("floor", args, device, dtype)
+    ref_modules = dict(reference.unet.named_modules())
+    weights = [ref_modules[p].weight.requires_grad_(True) for p in v.extras["adapted"]]
+    out = reference.unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                         added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
+    torch.nn.functional.mse_loss(out, inputs["target"]).backward()
+    for i, w in enumerate(weights):
+        torch.testing.assert_close(captured[i], w.grad)
+    bf16 = bench.build_variant("grad-floor", args, device, torch.bfloat16)
+    assert {p.dtype for p in bf16.params} == {torch.bfloat16}
 
 
 def test_sdxl_count_skips_lycoris_convs_with_a_line(bench, monkeypatch, capsys):
