@@ -723,10 +723,10 @@ def add_ratios(results: dict):
                 r[f"step_vs_{ref}"] = r["step_median_s"] / results[ref]["step_median_s"]
         if "floor" in results:
             floor = results["floor"]
-            if "peft-loha" in results and r is not floor:  # issue 12's measure: overhead over the floor
-                for stat in ("median", "min"):
-                    key, peft = f"step_{stat}_s", results["peft-loha"]
-                    r[f"overhead_{stat}_vs_peft-loha"] = (r[key] - floor[key]) / (peft[key] - floor[key]) \
+            peft = results.get("peft-loha")
+            if peft is not None and r is not floor:  # issue 12's measure: overhead over the floor
+                for key in ("step_median_s", "step_min_s"):
+                    r[f"overhead_{key[5:-2]}_vs_peft-loha"] = (r[key] - floor[key]) / (peft[key] - floor[key]) \
                         if peft[key] > floor[key] else None
             for key in ("unfused_s", "fused_s"):
                 if key in r and "unfused_s" in floor:

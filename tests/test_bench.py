@@ -486,7 +486,9 @@ def test_grad_floor_computes_the_targets_exact_weight_gradients_and_nothing_else
     weights = [ref_modules[p].weight.requires_grad_(True) for p in v.extras["adapted"]]
     out = reference.unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
                          added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
-    torch.nn.functional.mse_loss(out, inputs["target"]).backward()
+    loss = torch.nn.functional.mse_loss(out, inputs["target"])
+    assert loss.item() == first.item()  # the floor's outputs: making weights trainable changes no value
+    loss.backward()
     for i, w in enumerate(weights):
         torch.testing.assert_close(captured[i], w.grad)
     bf16 = bench.build_variant("grad-floor", args, device, torch.bfloat16)
