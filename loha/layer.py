@@ -219,10 +219,12 @@ class _Build:
         self.params = stack.factors()
         self.grad = torch.is_grad_enabled()
         self.math = _math_factors(self.params, dtype) if self.grad else self.params
-        with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
-            self.swapped = lm.swapped(*self.math) if self.grad else self.math
-        self.version = self._factor_version()
         self.weights = [m._base_weight() for m in layers]
+        # fp32 on CPU: the compiled kernels build W + ΔW and the gradients without writing the pair
+        self.fused = dtype is torch.float32 and all(w.dtype == dtype for w in self.weights) and lm.fused(*self.math)
+        with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
+            self.swapped = lm.swapped(*self.math) if self.grad and not self.fused else self.math
+        self.version = self._factor_version()
         self.flat = [w if w.dim() == 2 else w.flatten(1) for w in self.weights]
         self.weight_versions = [w._version for w in self.weights]
         self.scales = [m.scale for m in layers]
@@ -273,12 +275,15 @@ class _Build:
         swapped once per build (``self.swapped``; P2 ⊙ P1 is the same W + ΔW, bit for bit), so forward,
         rebuild and ``lm.pair_grads`` share one order and no chunk flips its factors."""
         sl = self.chunks[c]
+        coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
+        if self.fused:  # no pair: the gradients recompute it in registers
+            built = lm.fused_weights(self.weights[sl], *(f[sl] for f in self.math), coef=coef)
+            return built.view(-1, *self.weights[sl.start].shape), None
         if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
             weights = self.flat[sl.start].unsqueeze(0)
         else:
             weights = torch.stack(self.flat[sl])
         pair = lm.half(*(f[sl] for f in self.swapped))
-        coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
         return built.view(-1, *self.weights[sl.start].shape), pair
 
@@ -308,7 +313,8 @@ class _Build:
         built = self.forward_cache.get(c) or self.kept.get(c)
         if built is None:
             if self._keeps(c):
-                built = self.kept[c] = _KeptChunkFunction.apply(self.token, self, c).unbind(0)
+                kept = _KeptChunkFunction.apply(self.token, self, c)
+                built = self.kept[c] = kept if self.fused else kept.unbind(0)
             else:
                 self._evict(self.forward_cache)
                 with torch.no_grad():
@@ -365,29 +371,41 @@ class _Build:
         sl, deposits = self.chunks[c], self.deposits[c]
         if not deposits:
             return
-        _, pair = self.backward_cache.pop(c, None) or self._build(c)
+        cached = self.backward_cache.pop(c, None)
+        self.deposits[c] = {}
+        self.expected[c] = 0
+        if self.fused:  # each layer's G as it is: no stack, no pair
+            self._add_grads(c, [deposits.get(i) for i in range(sl.start, sl.stop)], None)
+            return
+        _, pair = cached or self._build(c)
         present = next(iter(deposits.values()))
         if sl.stop - sl.start == 1:
             g = present.unsqueeze(0)
         else:
             zero = None if len(deposits) == sl.stop - sl.start else present.new_zeros(()).expand_as(present)
             g = torch.stack([deposits.get(i, zero) for i in range(sl.start, sl.stop)])
-        self.deposits[c] = {}
-        self.expected[c] = 0
         self._add_grads(c, g, pair)
 
     def kept_grads(self, c, g):
-        """A kept chunk's factor gradients from its stacked G (n, *weight shape), the products recomputed."""
+        """A kept chunk's factor gradients from its G: stacked (n, *weight shape), the products recomputed, or
+        fused, each layer's (None for a layer without one)."""
         self._start_backward()
         sl = self.chunks[c]
         self._check_unchanged(range(sl.start, sl.stop), factors=True)
-        self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*(f[sl] for f in self.swapped)))
+        if self.fused:
+            self._add_grads(c, g, None)
+        else:
+            self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*(f[sl] for f in self.swapped)))
 
     def _add_grads(self, c, g, pair):
+        """Adds chunk c's factor gradients from its G: stacked (n, out, in·k) with the pair (n, 2, out, in·k),
+        or, fused, a sequence of each layer's G (shaped like its weight; None for a layer without one), no pair."""
         sl = self.chunks[c]
-        g = _cast(g, pair.dtype)
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
-        grads = lm.pair_grads(g, pair, *(f[sl] for f in self.math), coef=coef)
+        if self.fused:
+            grads = lm.fused_grads(g, *(f[sl] for f in self.math), coef=coef)
+        else:
+            grads = lm.pair_grads(_cast(g, pair.dtype), pair, *(f[sl] for f in self.math), coef=coef)
         old = self.pieces[c]
         self.pieces[c] = grads if old is None else [a + b for a, b in zip(old, grads)]
 
@@ -459,9 +477,11 @@ class _Held:
 
 
 class _KeptChunkFunction(torch.autograd.Function):
-    """A chunk of built weights (n, *weight shape) kept from forward to backward: its layers run the plain op
-    on its views, autograd stacks their weight gradients, and the backward turns them into the chunk's
-    factor gradients. The token input orders it before the stack's ``_GroupFunction``."""
+    """A chunk of built weights kept from forward to backward: its layers run the plain op on them and the
+    backward turns their weight gradients into the chunk's factor gradients. The token input orders it
+    before the stack's ``_GroupFunction``. Built (n, *weight shape); its output is that tensor, whose views
+    the layers take and whose gradient autograd stacks, or, fused, those views as n outputs: their gradients
+    come back apart, as the kernel reads them, without a stack (a 12 MB copy a step, tiny UNet full preset)."""
 
     @staticmethod
     def forward(ctx, token, build, c):
@@ -469,13 +489,13 @@ class _KeptChunkFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         built = build._build(c)[0]  # its pair is recomputed in backward: held, it would cost 4× the budget
         ctx.held = build.holds[c] = _Held(built.nbytes)
-        return built
+        return built.unbind(0) if build.fused else built
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *g):
         ctx.held.release()
-        if g is not None:
-            ctx.build.kept_grads(ctx.c, g)
+        if any(x is not None for x in g):
+            ctx.build.kept_grads(ctx.c, g if len(g) > 1 or ctx.build.fused else g[0])
         return None, None, None
 
 

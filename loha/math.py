@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import native
+
 
 def half(wa, wb, t=None):
     """Pk = Wka·Wkb (flat), or the Tucker chain, flattened to (…, out, in·kh·kw)."""
@@ -88,6 +90,24 @@ def pair_grads(g, p_swapped, a, b, t=None, coef=1.0):
     # ∂A as (B·∂Pᵀ)ᵀ: the same product as half_grads', 2-3× faster on CPU (MKL). Its transposed layout costs
     # one copy per stack when autograd accumulates it; per layer (factor_grads) it would cost two per layer.
     return torch.matmul(b, dp.transpose(-1, -2)).transpose(-1, -2), torch.matmul(a.transpose(-1, -2), dp)
+
+
+def fused(a, b, t=None) -> bool:
+    """Whether ``fused_weights`` / ``fused_grads`` serve these stacked factors (n, 2, out, r) / (n, 2, r, in):
+    fp32 on CPU without a Tucker core, where the compiled kernels (``loha/native.cpp``) are available."""
+    return t is None and native.serves(a, b)
+
+
+def fused_weights(weights, a, b, coef=1.0):
+    """W + coef·P1⊙P2 per layer, stacked (n, out, in·k), from n flat fp32 weights: ``add_delta`` of ``half``,
+    computed in one pass that never writes the pair (``fused`` says where). ``coef`` as in ``pair_grads``."""
+    return native.build(weights, a, b, coef)
+
+
+def fused_grads(gs, a, b, coef=1.0):
+    """(∂A, ∂B) of paired factors from each layer's G (n flat matrices, None for zero): ``pair_grads`` with
+    the pair recomputed in registers instead of read from memory."""
+    return native.grads(gs, a, b, coef)
 
 
 def wide(t):

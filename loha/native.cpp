@@ -1,0 +1,172 @@
+// The fused CPU kernels of loha/math.py's stacked build and its gradients, fp32: each reads W (or G) and the
+// small factors once and never writes the pair P1 = W1a·W1b, P2 = W2a·W2b, which math.py's torch form writes,
+// multiplies and reads back through memory (BENCHMARKS.md section 2, lever 25). Built on first use by
+// loha/native.py and called through ctypes; math.py stays the reference every test compares these with.
+//
+// Layout (all contiguous): a (n, 2, O, R) and b (n, 2, R, I) are the stacked factors, half 1 at index 0;
+// w and g are n pointers to (O, I) matrices; out (n, O, I); da, db like a, b; coef (n, O) or null for c.
+//     out = W + coef·P1⊙P2        ∂P1 = coef·G⊙P2   ∂P2 = coef·G⊙P1   ∂Wka = ∂Pk·Wkbᵀ   ∂Wkb = Wkaᵀ·∂Pk
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));  // 16 lanes: AVX-512, two AVX2 or four NEON registers
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline float lanes_sum(v16 v) {  // by halves: three vector adds, not 15 lane extractions
+  v8 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const v8 s8 = lo + hi;
+  v4 a, b;
+  std::memcpy(&a, &s8, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
+  const v4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// One layer's W + coef·P1⊙P2: per row o and 16 columns, both products in registers from R broadcasts.
+template <int R>
+void build_layer(const float* __restrict__ w, const float* __restrict__ a, const float* __restrict__ b,
+                 const float* coef, float c, float* __restrict__ out, int64_t O, int64_t I) {
+  const float* a2 = a + O * R;
+  const float* b2 = b + R * I;
+  const int64_t full = I / 16 * 16;
+  for (int64_t o = 0; o < O; ++o) {
+    const float* r1 = a + o * R;
+    const float* r2 = a2 + o * R;
+    const float k = coef ? coef[o] : c;
+    for (int64_t i = 0; i < full; i += 16) {
+      v16 p1 = r1[0] * load(b + i), p2 = r2[0] * load(b2 + i);
+      for (int j = 1; j < R; ++j) { p1 += r1[j] * load(b + j * I + i); p2 += r2[j] * load(b2 + j * I + i); }
+      store(out + o * I + i, load(w + o * I + i) + k * p1 * p2);
+    }
+    for (int64_t i = full; i < I; ++i) {
+      float p1 = 0.f, p2 = 0.f;
+      for (int j = 0; j < R; ++j) { p1 += r1[j] * b[j * I + i]; p2 += r2[j] * b2[j * I + i]; }
+      out[o * I + i] = w[o * I + i] + k * p1 * p2;
+    }
+  }
+}
+
+// One half k's factor gradients for M consecutive rows: ∂Pk = coef·G⊙(the other half's product, recomputed
+// in registers), ∂Wka's M rows summed in vector accumulators, ∂Wkb's R rows (in cache) updated once for the
+// M rows. M = 4 reads and writes ∂Wkb a quarter as often as row by row: 1.75 vs 2.9 ns an element at rank 8.
+template <int R, int M>
+void half_rows(const float* __restrict__ g, const float* k, const float* __restrict__ own_a,
+               const float* __restrict__ own_b, const float* __restrict__ other_a, const float* __restrict__ other_b,
+               float* __restrict__ da, float* __restrict__ db, int64_t I) {
+  const int64_t full = I / 16 * 16;
+  v16 s[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < R; ++j) s[m][j] = v16{};
+  for (int64_t i = 0; i < full; i += 16) {
+    v16 d[M];
+    for (int m = 0; m < M; ++m) {
+      v16 p = other_a[m * R] * load(other_b + i);
+      for (int j = 1; j < R; ++j) p += other_a[m * R + j] * load(other_b + j * I + i);
+      d[m] = k[m] * load(g + m * I + i) * p;
+    }
+    for (int j = 0; j < R; ++j) {
+      const v16 bj = load(own_b + j * I + i);
+      v16 acc = load(db + j * I + i);
+      for (int m = 0; m < M; ++m) {
+        s[m][j] += d[m] * bj;
+        acc += own_a[m * R + j] * d[m];
+      }
+      store(db + j * I + i, acc);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    float t[R];
+    for (int j = 0; j < R; ++j) t[j] = lanes_sum(s[m][j]);
+    for (int64_t i = full; i < I; ++i) {
+      float p = 0.f;
+      for (int j = 0; j < R; ++j) p += other_a[m * R + j] * other_b[j * I + i];
+      const float dv = k[m] * g[m * I + i] * p;
+      for (int j = 0; j < R; ++j) {
+        t[j] += dv * own_b[j * I + i];
+        db[j * I + i] += own_a[m * R + j] * dv;
+      }
+    }
+    for (int j = 0; j < R; ++j) da[m * R + j] = t[j];
+  }
+}
+
+// One layer's factor gradients: blocks of 4 rows (then single rows), a pass per half.
+template <int R>
+void grads_layer(const float* __restrict__ g, const float* __restrict__ a, const float* __restrict__ b,
+                 const float* coef, float c, float* __restrict__ da, float* __restrict__ db, int64_t O, int64_t I) {
+  const float* a2 = a + O * R;
+  const float* b2 = b + R * I;
+  std::memset(db, 0, sizeof(float) * 2 * R * I);
+  int64_t o = 0;
+  for (; o + 3 < O; o += 4) {
+    float k[4];
+    for (int m = 0; m < 4; ++m) k[m] = coef ? coef[o + m] : c;
+    half_rows<R, 4>(g + o * I, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
+    half_rows<R, 4>(g + o * I, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
+  }
+  for (; o < O; ++o) {
+    const float k[1] = {coef ? coef[o] : c};
+    half_rows<R, 1>(g + o * I, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
+    half_rows<R, 1>(g + o * I, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
+  }
+}
+
+template <int R>
+void build_stack(int64_t n, int64_t O, int64_t I, const float* const* w, const float* a, const float* b,
+                 const float* coef, float c, float* out) {
+  for (int64_t l = 0; l < n; ++l)
+    build_layer<R>(w[l], a + l * 2 * O * R, b + l * 2 * R * I, coef ? coef + l * O : nullptr, c, out + l * O * I, O, I);
+}
+
+template <int R>
+void grads_stack(int64_t n, int64_t O, int64_t I, const float* const* g, const float* a, const float* b,
+                 const float* coef, float c, float* da, float* db) {
+  for (int64_t l = 0; l < n; ++l)
+    grads_layer<R>(g[l], a + l * 2 * O * R, b + l * 2 * R * I, coef ? coef + l * O : nullptr, c,
+                   da + l * 2 * O * R, db + l * 2 * R * I, O, I);
+}
+
+}  // namespace
+
+#define LOHA_RANKS(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(10) X(12) X(16)
+
+extern "C" {
+
+// The ranks compiled in, for loha/native.py to read: their number, and the list at ``ranks``.
+int loha_ranks(int* ranks, int capacity) {
+  const int list[] = {
+#define LOHA_LIST(r) r,
+      LOHA_RANKS(LOHA_LIST)};
+  const int count = sizeof list / sizeof list[0];
+  for (int k = 0; k < count && k < capacity; ++k) ranks[k] = list[k];
+  return count;
+}
+
+// 0 on success, -1 for a rank not compiled in (the caller then uses the torch form).
+int loha_build(int64_t n, int64_t O, int64_t I, int64_t R, const float* const* w, const float* a, const float* b,
+               const float* coef, float c, float* out) {
+  switch (R) {
+#define LOHA_BUILD(r) case r: build_stack<r>(n, O, I, w, a, b, coef, c, out); return 0;
+    LOHA_RANKS(LOHA_BUILD)
+    default: return -1;
+  }
+}
+
+int loha_grads(int64_t n, int64_t O, int64_t I, int64_t R, const float* const* g, const float* a, const float* b,
+               const float* coef, float c, float* da, float* db) {
+  switch (R) {
+#define LOHA_GRADS(r) case r: grads_stack<r>(n, O, I, g, a, b, coef, c, da, db); return 0;
+    LOHA_RANKS(LOHA_GRADS)
+    default: return -1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,213 @@
+"""The fused CPU kernels of the stacked LoHa build and gradients (``native.cpp``), for ``loha.math``.
+
+Compiled on first use with the system's C++ compiler (about 2 s) into a per-user cache, loaded with ctypes:
+no torch headers, no build step at install. Where they cannot serve (no compiler, ``LOHA_NATIVE=0``, a GPU,
+16-bit or fake tensors, a dispatch mode counting ops, a rank not compiled in) ``loha.math`` runs its torch
+form, which is also what every test compares them with. One warning names a failed build; nothing else
+changes then.
+
+Environment: ``LOHA_NATIVE=0`` turns them off; ``LOHA_CACHE_DIR`` is where the library is kept (default
+``$XDG_CACHE_HOME/loha`` or ``~/.cache/loha``); ``CXX`` picks the compiler.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.cpp")
+_FLAGS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler has no -march=native (old Apple clang)
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_ARGS = [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _f32, _ptr]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LOHA_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loha"
+
+
+def _machine_key() -> str:
+    """What a -march=native binary depends on: the CPU's feature flags (Linux) or its name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compile(compiler: str, target: Path) -> str | None:
+    """Builds the library at ``target`` (written under a temporary name, then renamed: a concurrent or
+    interrupted build never leaves a half-written file there). Returns None, or the compiler's last line."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    error = "no compiler output"
+    for flags in _FLAGS:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            run = subprocess.run([compiler, *flags, "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", tmp],
+                                 capture_output=True, text=True, timeout=300)
+            if run.returncode == 0:
+                os.replace(tmp, target)
+                return None
+            error = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+        except (OSError, subprocess.SubprocessError) as e:
+            error = str(e)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return error
+
+
+@functools.cache
+def library():
+    """The loaded kernels, or None where they are off or cannot be built (warned once)."""
+    if os.environ.get("LOHA_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        warnings.warn("loha: no C++ compiler found, so the fused CPU kernels are off and CPU training runs "
+                      "as torch ops (slower, same results); install g++ or clang, or set LOHA_NATIVE=0",
+                      stacklevel=3)
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, repr(_FLAGS), _machine_key()]).encode())
+    target = cache_dir() / f"native-{key.hexdigest()[:16]}.so"
+    try:
+        error = None if target.exists() else _compile(compiler, target)
+    except OSError as e:
+        error = str(e)
+    if error is None:
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as e:
+            error = str(e)
+    if error is not None:
+        warnings.warn(f"loha: could not build the fused CPU kernels ({error}); CPU training runs as torch ops "
+                      f"(slower, same results); set LOHA_NATIVE=0 to skip the attempt", stacklevel=3)
+        return None
+    for name in ("loha_build", "loha_grads"):
+        getattr(lib, name).argtypes = _ARGS if name == "loha_build" else [*_ARGS, _ptr]
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def ranks() -> frozenset[int]:
+    lib = library()
+    if lib is None:
+        return frozenset()
+    table = (ctypes.c_int * 64)()
+    count = lib.loha_ranks(table, len(table))
+    return frozenset(table[: min(count, len(table))])
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a FakeTensor, a functional tensor or another subclass
+
+
+def serves(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the kernels take these stacked factors (n, 2, out, r) / (n, 2, r, in): real fp32 CPU tensors
+    with no dispatch mode active (a mode that counts or fakes ops must see the torch form), a rank compiled in."""
+    return (type(a) in _PLAIN and type(b) in _PLAIN and a.device.type == "cpu"
+            and a.dtype == torch.float32 and b.dtype == torch.float32 and a.dim() == 4
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch.compiler.is_compiling()
+            and a.shape[-1] in ranks())
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _parallel(call, n: int):
+    """call(start, stop) over the n layers, split over torch's thread count (ctypes releases the GIL)."""
+    workers = min(n, torch.get_num_threads())
+    if workers <= 1:
+        return [call(0, n)]
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="loha-native")
+    bounds = [n * k // workers for k in range(workers + 1)]
+    return list(_pool.map(call, bounds[:-1], bounds[1:]))
+
+
+def _pointers(mats) -> array.array:
+    """The matrices' addresses as a C array of pointers (at ``.buffer_info()[0]``; keep it alive meanwhile)."""
+    return array.array("Q", [m.data_ptr() for m in mats])
+
+
+def _coef_rows(coef, n, out):
+    """(scalar, per-row tensor or None) for the kernels from a float or an (n, out, 1) tensor."""
+    if isinstance(coef, torch.Tensor):
+        return 0.0, coef.to(torch.float32).expand(n, out, 1).reshape(n, out).contiguous()
+    return float(coef), None
+
+
+def _dense(t):
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def build(weights, a, b, coef) -> torch.Tensor:
+    """W + coef·P1⊙P2 for each layer, stacked (n, out, in): ``weights`` n fp32 matrices (out, in) or conv
+    kernels (out, in/groups, kh, kw), read as (out, in·kh·kw)."""
+    lib = library()
+    n, _, out, r = a.shape
+    inner = b.shape[-1]
+    a, b = a.contiguous(), b.contiguous()
+    table = _pointers([_dense(w) for w in weights])
+    weights_at = table.buffer_info()[0]
+    built = torch.empty(n, out, inner, dtype=torch.float32)
+    c, rows = _coef_rows(coef, n, out)
+    a_at, b_at, built_at = a.data_ptr(), b.data_ptr(), built.data_ptr()
+    rows_at = rows.data_ptr() if rows is not None else 0
+    a_step, b_step = 4 * 2 * out * r, 4 * 2 * r * inner  # bytes per layer of the stacked factors
+
+    def call(s, e):
+        return lib.loha_build(e - s, out, inner, r, weights_at + 8 * s, a_at + s * a_step, b_at + s * b_step,
+                              rows_at and rows_at + 4 * s * out, c, built_at + 4 * s * out * inner)
+
+    if any(_parallel(call, n)):
+        raise RuntimeError(f"loha native build: rank {r} is not compiled in")
+    return built
+
+
+def grads(gs, a, b, coef) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂A, ∂B) of the stacked factors from each layer's G (n tensors shaped like the weights, None: zero)."""
+    lib = library()
+    n, _, out, r = a.shape
+    inner = b.shape[-1]
+    a, b = a.contiguous(), b.contiguous()
+    zero = None
+    mats = []
+    for g in gs:
+        if g is None:
+            zero = torch.zeros(out, inner) if zero is None else zero
+            g = zero
+        mats.append(_dense(g))
+    table = _pointers(mats)
+    grads_at = table.buffer_info()[0]
+    c, rows = _coef_rows(coef, n, out)
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    a_at, b_at, da_at, db_at = a.data_ptr(), b.data_ptr(), da.data_ptr(), db.data_ptr()
+    rows_at = rows.data_ptr() if rows is not None else 0
+    a_step, b_step = 4 * 2 * out * r, 4 * 2 * r * inner
+
+    def call(s, e):
+        return lib.loha_grads(e - s, out, inner, r, grads_at + 8 * s, a_at + s * a_step, b_at + s * b_step,
+                              rows_at and rows_at + 4 * s * out, c, da_at + s * a_step, db_at + s * b_step)
+
+    if any(_parallel(call, n)):
+        raise RuntimeError(f"loha native gradients: rank {r} is not compiled in")
+    return da, db
