@@ -219,21 +219,29 @@ class _Build:
         self.params = stack.factors()
         self.grad = torch.is_grad_enabled()
         self.math = _math_factors(self.params, dtype) if self.grad else self.params
-        self.weights = [m._base_weight() for m in layers]
+        # what the build depends on per layer, in one pass read from the module dicts (nn.Module.__getattr__
+        # costs about half a microsecond a lookup; a build runs every forward, for every layer)
+        self.weights, self.flat, self.weight_versions, self.scales, self.training = [], [], [], [], []
+        dropping = []
+        for m in layers:
+            d = m.__dict__
+            w = d["_modules"]["base_layer"]._parameters["weight"]
+            self.weights.append(w)
+            self.flat.append(w if w.dim() == 2 else w.flatten(1))
+            self.weight_versions.append(w._version)
+            self.scales.append(d["alpha"] / d["rank"] * d["multiplier"])  # LoHaLayer.scale
+            self.training.append(d["training"])
+            dropping.append(d["training"] and (d["rank_dropout"] > 0 or d["module_dropout"] > 0))
         # fp32 on CPU: the compiled kernels build W + ΔW and the gradients without writing the pair
         self.fused = dtype is torch.float32 and all(w.dtype == dtype for w in self.weights) and lm.fused(*self.math)
         with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
             self.swapped = lm.swapped(*self.math) if self.grad and not self.fused else self.math
         self.version = self._factor_version()
-        self.flat = [w if w.dim() == 2 else w.flatten(1) for w in self.weights]
-        self.weight_versions = [w._version for w in self.weights]
-        self.scales = [m.scale for m in layers]
-        self.training = [m.training for m in layers]
         self.used = [False] * len(layers)
         size = max(1, CHUNK_ELEMENTS * max(1, 4 // self.math[0].dtype.itemsize) // self.weights[0].numel())
         self.chunk = size
         self.chunks = [slice(i, min(i + size, len(layers))) for i in range(0, len(layers), size)]
-        self.coef = self._coefficients()
+        self.coef = self._coefficients(dropping)
         self.forward_cache, self.backward_cache = {}, {}
         self.kept = {}  # chunk → its kept weights (views of a _KeptChunkFunction output) while layers are left
         self.holds, self.weights_saved = {}, set()  # kept chunks' _Held, and those a layer's op saved
@@ -244,11 +252,10 @@ class _Build:
         self.backward_started = False
         self.token = _GroupFunction.apply(self, *self.params) if self.grad else None
 
-    def _coefficients(self):
-        """scale per layer, times the rank/module dropout mask of the layers in training: one float when
-        every layer has the same scale and none drops out, else (L, out, 1) in the pair's dtype."""
+    def _coefficients(self, dropping):
+        """scale per layer, times the rank/module dropout mask of the layers in training (``dropping``): one
+        float when every layer has the same scale and none drops out, else (L, out, 1) in the pair's dtype."""
         layers, p = self.layers, self.math[0]
-        dropping = [m.training and (m.rank_dropout > 0 or m.module_dropout > 0) for m in layers]
         if len(set(self.scales)) == 1 and not any(dropping):
             return self.scales[0]
         out = self.weights[0].shape[0]
@@ -260,7 +267,8 @@ class _Build:
 
     def _factor_version(self) -> int:
         # version counters only grow: their sum is unchanged exactly when none of them changed
-        return sum(p._version for p in self.params)
+        p = self.params  # two or three stacks: no generator (it is checked once per layer call)
+        return p[0]._version + p[1]._version + (p[2]._version if len(p) > 2 else 0)
 
     def accepts(self, layer, slot, dtype, weight) -> bool:
         return (not self.used[slot] and not self.backward_started and self.dtype is dtype
@@ -768,10 +776,11 @@ class LoHaLayer(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.multiplier == 0:
             return self.base_layer(x)
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):  # compute in autocast's dtype, as the layer it replaces would
-            with torch.autocast(dev, enabled=False):
-                return self._compute(_cast(x, torch.get_autocast_dtype(dev)))
+        if torch._C._is_any_autocast_enabled():  # one query when autocast is off (the common case)
+            dev = x.device.type
+            if torch.is_autocast_enabled(dev):  # compute in autocast's dtype, as the layer it replaces would
+                with torch.autocast(dev, enabled=False):
+                    return self._compute(_cast(x, torch.get_autocast_dtype(dev)))
         return self._compute(x)
 
     # The per-call paths read parameters from the module dicts directly: nn.Module.__getattr__ costs about

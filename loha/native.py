@@ -131,6 +131,15 @@ def serves(a: torch.Tensor, b: torch.Tensor) -> bool:
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_pool():  # a forked child inherits the pool's bookkeeping but none of its threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _parallel(call, n: int):
     """call(start, stop) over the n layers, split over torch's thread count (ctypes releases the GIL)."""
     workers = min(n, torch.get_num_threads())

@@ -81,6 +81,29 @@ def test_a_missing_gradient_counts_as_zero_and_threads_split_layers_exactly():
     assert torch.all(one[0][2] == 0) and torch.all(one[1][2] == 0)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_gets_a_fresh_worker_pool():
+    """A child forked after the kernels ran on several threads must not wait on its parent's pool threads."""
+    a, b, g = factors(4, 8, 16, 2)
+    weights = [torch.randn(8, 16, generator=g) for _ in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = lm.fused_weights(weights, a, b, 0.5)
+        assert native._pool is not None
+        code = ("import os, sys, torch\nfrom loha import math as lm, native\ntorch.set_num_threads(2)\n"
+                "a, b = torch.randn(4, 2, 8, 2), torch.randn(4, 2, 2, 16)\nws = [torch.randn(8, 16)] * 4\n"
+                "lm.fused_weights(ws, a, b, 0.5)\npid = os.fork()\n"
+                "if pid == 0:\n    lm.fused_weights(ws, a, b, 0.5)\n"
+                "    os._exit(0 if native._pool is not None else 3)\n"
+                "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(lm.fused_weights(weights, a, b, 0.5), expected, rtol=0, atol=0)
+
+
 def test_where_the_kernels_serve():
     a, b, _ = factors(2, 8, 8, 4)
     assert lm.fused(a, b) and lm.fused(torch.nn.Parameter(a), b)
