@@ -503,7 +503,7 @@ class _KeptChunkFunction(torch.autograd.Function):
     def backward(ctx, *g):
         ctx.held.release()
         if any(x is not None for x in g):
-            ctx.build.kept_grads(ctx.c, g if len(g) > 1 or ctx.build.fused else g[0])
+            ctx.build.kept_grads(ctx.c, g if ctx.build.fused else g[0])
         return None, None, None
 
 

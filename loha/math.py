@@ -99,14 +99,15 @@ def fused(a, b, t=None) -> bool:
 
 
 def fused_weights(weights, a, b, coef=1.0):
-    """W + coef·P1⊙P2 per layer, stacked (n, out, in·k), from n flat fp32 weights: ``add_delta`` of ``half``,
-    computed in one pass that never writes the pair (``fused`` says where). ``coef`` as in ``pair_grads``."""
+    """W + coef·P1⊙P2 per layer, stacked (n, out, in·k), from n fp32 weights (any shape, read flat):
+    ``add_delta`` of ``half``, computed in one pass that never writes the pair (``fused`` says where).
+    ``coef`` as in ``pair_grads``."""
     return native.build(weights, a, b, coef)
 
 
 def fused_grads(gs, a, b, coef=1.0):
-    """(∂A, ∂B) of paired factors from each layer's G (n flat matrices, None for zero): ``pair_grads`` with
-    the pair recomputed in registers instead of read from memory."""
+    """(∂A, ∂B) of paired factors from each layer's G (n tensors shaped like the weights, read flat; None
+    for zero): ``pair_grads`` with the pair recomputed in registers instead of read from memory."""
     return native.grads(gs, a, b, coef)
 
 

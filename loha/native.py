@@ -168,55 +168,44 @@ def _dense(t):
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
-def build(weights, a, b, coef) -> torch.Tensor:
-    """W + coef·P1⊙P2 for each layer, stacked (n, out, in): ``weights`` n fp32 matrices (out, in) or conv
-    kernels (out, in/groups, kh, kw), read as (out, in·kh·kw)."""
-    lib = library()
+def _run(kernel, mats, a, b, coef, outputs):
+    """One kernel over the n layers of stacked factors a (n, 2, out, r), b (n, 2, r, in): ``mats`` the n
+    fp32 (out, in) inputs (W or G), ``outputs`` the kernel's per-layer-strided outputs, split over threads."""
     n, _, out, r = a.shape
     inner = b.shape[-1]
     a, b = a.contiguous(), b.contiguous()
-    table = _pointers([_dense(w) for w in weights])
-    weights_at = table.buffer_info()[0]
-    built = torch.empty(n, out, inner, dtype=torch.float32)
+    table = _pointers(mats)  # alive until the calls return
+    mats_at = table.buffer_info()[0]
     c, rows = _coef_rows(coef, n, out)
-    a_at, b_at, built_at = a.data_ptr(), b.data_ptr(), built.data_ptr()
     rows_at = rows.data_ptr() if rows is not None else 0
-    a_step, b_step = 4 * 2 * out * r, 4 * 2 * r * inner  # bytes per layer of the stacked factors
+    steps = [(t.data_ptr(), t.nbytes // n) for t in (a, b, *outputs)]  # base address, bytes per layer
 
     def call(s, e):
-        return lib.loha_build(e - s, out, inner, r, weights_at + 8 * s, a_at + s * a_step, b_at + s * b_step,
-                              rows_at and rows_at + 4 * s * out, c, built_at + 4 * s * out * inner)
+        a_at, b_at, *outs_at = (at + s * step for at, step in steps)
+        return kernel(e - s, out, inner, r, mats_at + 8 * s, a_at, b_at, rows_at and rows_at + 4 * s * out, c,
+                      *outs_at)
 
     if any(_parallel(call, n)):
-        raise RuntimeError(f"loha native build: rank {r} is not compiled in")
+        raise RuntimeError(f"loha native kernels: rank {r} is not compiled in")
+
+
+def build(weights, a, b, coef) -> torch.Tensor:
+    """W + coef·P1⊙P2 for each layer, stacked (n, out, in): ``weights`` n fp32 matrices (out, in) or conv
+    kernels (out, in/groups, kh, kw), read as (out, in·kh·kw)."""
+    built = torch.empty(a.shape[0], a.shape[2], b.shape[-1], dtype=torch.float32)
+    _run(library().loha_build, [_dense(w) for w in weights], a, b, coef, (built,))
     return built
 
 
 def grads(gs, a, b, coef) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂A, ∂B) of the stacked factors from each layer's G (n tensors shaped like the weights, None: zero)."""
-    lib = library()
-    n, _, out, r = a.shape
-    inner = b.shape[-1]
-    a, b = a.contiguous(), b.contiguous()
     zero = None
     mats = []
     for g in gs:
         if g is None:
-            zero = torch.zeros(out, inner) if zero is None else zero
+            zero = torch.zeros(a.shape[2], b.shape[-1], dtype=torch.float32) if zero is None else zero
             g = zero
         mats.append(_dense(g))
-    table = _pointers(mats)
-    grads_at = table.buffer_info()[0]
-    c, rows = _coef_rows(coef, n, out)
-    da, db = torch.empty_like(a), torch.empty_like(b)
-    a_at, b_at, da_at, db_at = a.data_ptr(), b.data_ptr(), da.data_ptr(), db.data_ptr()
-    rows_at = rows.data_ptr() if rows is not None else 0
-    a_step, b_step = 4 * 2 * out * r, 4 * 2 * r * inner
-
-    def call(s, e):
-        return lib.loha_grads(e - s, out, inner, r, grads_at + 8 * s, a_at + s * a_step, b_at + s * b_step,
-                              rows_at and rows_at + 4 * s * out, c, da_at + s * a_step, db_at + s * b_step)
-
-    if any(_parallel(call, n)):
-        raise RuntimeError(f"loha native gradients: rank {r} is not compiled in")
+    da, db = torch.empty(a.shape, dtype=torch.float32), torch.empty(b.shape, dtype=torch.float32)
+    _run(library().loha_grads, mats, a, b, coef, (da, db))
     return da, db
