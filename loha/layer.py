@@ -221,21 +221,22 @@ class _Build:
         self.math = _math_factors(self.params, dtype) if self.grad else self.params
         # what the build depends on per layer, in one pass read from the module dicts (nn.Module.__getattr__
         # costs about half a microsecond a lookup; a build runs every forward, for every layer)
-        self.weights, self.flat, self.weight_versions, self.scales, self.training = [], [], [], [], []
+        self.weights, self.weight_versions, self.scales, self.training = [], [], [], []
         dropping = []
         for m in layers:
             d = m.__dict__
             w = d["_modules"]["base_layer"]._parameters["weight"]
             self.weights.append(w)
-            self.flat.append(w if w.dim() == 2 else w.flatten(1))
             self.weight_versions.append(w._version)
             self.scales.append(d["alpha"] / d["rank"] * d["multiplier"])  # LoHaLayer.scale
             self.training.append(d["training"])
             dropping.append(d["training"] and (d["rank_dropout"] > 0 or d["module_dropout"] > 0))
         # fp32 on CPU: the compiled kernels build W + ΔW and the gradients without writing the pair
         self.fused = dtype is torch.float32 and all(w.dtype == dtype for w in self.weights) and lm.fused(*self.math)
-        with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
-            self.swapped = lm.swapped(*self.math) if self.grad and not self.fused else self.math
+        self.swapped = self.math
+        if self.grad and not self.fused:
+            with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
+                self.swapped = lm.swapped(*self.math)
         self.version = self._factor_version()
         self.used = [False] * len(layers)
         size = max(1, CHUNK_ELEMENTS * max(1, 4 // self.math[0].dtype.itemsize) // self.weights[0].numel())
@@ -287,10 +288,8 @@ class _Build:
         if self.fused:  # no pair: the gradients recompute it in registers
             built = lm.fused_weights(self.weights[sl], *(f[sl] for f in self.math), coef=coef)
             return built.view(-1, *self.weights[sl.start].shape), None
-        if sl.stop - sl.start == 1:  # a chunk of one layer: its weight as it is, no copy
-            weights = self.flat[sl.start].unsqueeze(0)
-        else:
-            weights = torch.stack(self.flat[sl])
+        flat = [w.flatten(1) for w in self.weights[sl]]
+        weights = flat[0].unsqueeze(0) if len(flat) == 1 else torch.stack(flat)  # one layer: no copy
         pair = lm.half(*(f[sl] for f in self.swapped))
         built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
         return built.view(-1, *self.weights[sl.start].shape), pair
@@ -420,6 +419,7 @@ class _Build:
     def finish(self):
         """The stack's factor gradients: every chunk with deposits computed, the others zero."""
         self.backward_started = True
+        self.token = None  # token → its node → ctx → this build: a cycle only the garbage collector would free
         for c in range(len(self.chunks)):
             self._chunk_grads(c)
         self.forward_cache.clear()

@@ -261,6 +261,25 @@ def test_skipped_layer_and_two_forwards_before_backward(chunk_path):
         torch.testing.assert_close(merged(x), grouped(x))
 
 
+def test_a_finished_build_is_freed_by_reference_counting(chunk_path):
+    """After backward nothing links a build to itself (token → node → ctx → build was a cycle): replaced by the
+    next step's build it goes at once, with its chunks, not at the garbage collector's next full pass."""
+    import weakref
+
+    _, grouped = toy_pair()
+    x = torch.randn(3, 12)
+    gc.collect()
+    gc.disable()
+    try:
+        grouped(x).sum().backward()
+        builds = [weakref.ref(s.__dict__["_build"]) for s in stacks_of(grouped)]
+        assert builds and all(b() is not None for b in builds)
+        grouped(x).sum().backward()
+        assert all(b() is None for b in builds)
+    finally:
+        gc.enable()
+
+
 def test_in_place_changes_between_forwards_are_seen():
     """No-grad forwards: a factor edited in place, set_scale, merge/unmerge, load_state_dict, a new base
     weight, train/eval and the grad mode all start a new build."""
