@@ -58,6 +58,11 @@ CACHED_CHUNKS = 2  # chunks of built weights kept in flight per stack, forward a
 # Past the budget, chunks are rebuilt in backward and nothing out×in is kept (SDXL 1024² bf16: the budget
 # bounds what keeping adds to saved-for-backward; BENCHMARKS.md §2, lever 17). 0 keeps nothing.
 KEPT_BYTES = 512 << 20
+# Where the fused CPU kernels build a chunk, its output buffer is kept in the stack between steps, up to
+# this many bytes for all stacks together, and written again next step once nothing else holds it: a fresh
+# multi-MB tensor each step made glibc grow and trim the heap top, about 2000 page faults a step (tiny UNet
+# full preset: −6 ms, BENCHMARKS.md §2, lever 27). GPUs have torch's caching allocator and keep nothing here.
+REUSED_BYTES = 512 << 20
 
 
 class LoHaError(ValueError):
@@ -286,7 +291,9 @@ class _Build:
         sl = self.chunks[c]
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         if self.fused:  # no pair: the gradients recompute it in registers
-            built = lm.fused_weights(self.weights[sl], *(f[sl] for f in self.math), coef=coef)
+            a, b = (f[sl] for f in self.math)
+            out = self.stack.reused_buffer(c, (a.shape[0], a.shape[2], b.shape[-1]))
+            built = lm.fused_weights(self.weights[sl], a, b, coef=coef, out=out)
             return built.view(-1, *self.weights[sl.start].shape), None
         flat = [w.flatten(1) for w in self.weights[sl]]
         weights = flat[0].unsqueeze(0) if len(flat) == 1 else torch.stack(flat)  # one layer: no copy
@@ -480,6 +487,39 @@ class _Held:
     def release(self):
         _Held.total -= self.nbytes
         self.nbytes = 0
+
+    __del__ = release
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _Reused:
+    """A stack's fp32 output buffers of fused chunk builds, kept between steps (``REUSED_BYTES``). A buffer is
+    written again only when its storage has no other user: no view of it is alive (a kept chunk's outputs,
+    a cached chunk, a graph that was never backpropagated), so nothing that read the old weights can see
+    the new ones; otherwise the build gets a fresh tensor, as without the pool."""
+
+    total = 0
+
+    def __init__(self):
+        self.buffers, self.nbytes = {}, 0
+
+    def get(self, c, shape):
+        t = self.buffers.get(c)
+        if t is not None and t.shape == shape and _use_count(t.untyped_storage()._cdata) == 2:  # t and this wrapper
+            return t
+        fresh = torch.empty(shape, dtype=torch.float32)
+        # an inference tensor could not be saved for backward later: such builds never fill the pool
+        if t is None and not torch.is_inference_mode_enabled() and _Reused.total + fresh.nbytes <= REUSED_BYTES:
+            self.buffers[c] = fresh
+            self.nbytes += fresh.nbytes
+            _Reused.total += fresh.nbytes
+        return fresh
+
+    def release(self):
+        _Reused.total -= self.nbytes
+        self.buffers, self.nbytes = {}, 0
 
     __del__ = release
 
@@ -916,6 +956,7 @@ class LoHaStack(nn.Module):
         self.__dict__["factor_names"] = layers[0].factor_names
         self.__dict__["layers"] = list(layers)  # plain references: the layers live in the model's tree
         self.__dict__["_build"] = None
+        self.__dict__["_reused"] = None
         for i, m in enumerate(layers):
             for name in m.factor_names:
                 del m._parameters[name]
@@ -932,6 +973,15 @@ class LoHaStack(nn.Module):
         a, b, *t = self.factors() if tensors is None else tensors
         return (a[i, 0], b[i, 0], a[i, 1], b[i, 1], *((t[0][i, 0], t[0][i, 1]) if t else ()))
 
+    def reused_buffer(self, c, shape) -> torch.Tensor:
+        """An fp32 tensor of ``shape`` for chunk c's fused build: the one kept from an earlier step when free."""
+        if _use_count is None or REUSED_BYTES <= 0:
+            return torch.empty(shape, dtype=torch.float32)
+        reused = self.__dict__["_reused"]
+        if reused is None:
+            reused = self.__dict__["_reused"] = _Reused()
+        return reused.get(c, shape)
+
     def build_for(self, layer, slot, dtype, weight) -> _Build:
         build = self.__dict__["_build"]
         if build is None or not build.accepts(layer, slot, dtype, weight):
@@ -940,10 +990,11 @@ class LoHaStack(nn.Module):
 
     def __getstate__(self):
         # deepcopy/pickle: a build holds tensors of a live graph, never worth copying
-        return {**super().__getstate__(), "_build": None}
+        return {**super().__getstate__(), "_build": None, "_reused": None}
 
     def _apply(self, fn, recurse=True):
         self.__dict__["_build"] = None  # .to()/.half(): a build from before refers to the old tensors
+        self.__dict__["_reused"] = None
         return super()._apply(fn, recurse)
 
     def unstack(self):
@@ -956,6 +1007,7 @@ class LoHaStack(nn.Module):
                 m.register_parameter(name, param)
         self.__dict__["layers"] = []
         self.__dict__["_build"] = None
+        self.__dict__["_reused"] = None
 
     def extra_repr(self) -> str:
         shape = tuple(self.layers[0].base_layer.weight.shape) if self.layers else ()

@@ -98,11 +98,11 @@ def fused(a, b, t=None) -> bool:
     return t is None and native.serves(a, b)
 
 
-def fused_weights(weights, a, b, coef=1.0):
+def fused_weights(weights, a, b, coef=1.0, out=None):
     """W + coef·P1⊙P2 per layer, stacked (n, out, in·k), from n fp32 weights (any shape, read flat):
     ``add_delta`` of ``half``, computed in one pass that never writes the pair (``fused`` says where).
-    ``coef`` as in ``pair_grads``."""
-    return native.build(weights, a, b, coef)
+    ``coef`` as in ``pair_grads``; ``out``: a contiguous fp32 (n, out, in·k) tensor to write it into."""
+    return native.build(weights, a, b, coef, out)
 
 
 def fused_grads(gs, a, b, coef=1.0):

@@ -189,10 +189,16 @@ def _run(kernel, mats, a, b, coef, outputs):
         raise RuntimeError(f"loha native kernels: rank {r} is not compiled in")
 
 
-def build(weights, a, b, coef) -> torch.Tensor:
+def build(weights, a, b, coef, out=None) -> torch.Tensor:
     """W + coef·P1⊙P2 for each layer, stacked (n, out, in): ``weights`` n fp32 matrices (out, in) or conv
-    kernels (out, in/groups, kh, kw), read as (out, in·kh·kw)."""
-    built = torch.empty(a.shape[0], a.shape[2], b.shape[-1], dtype=torch.float32)
+    kernels (out, in/groups, kh, kw), read as (out, in·kh·kw); written into ``out`` when given."""
+    shape = (a.shape[0], a.shape[2], b.shape[-1])
+    if out is None:
+        built = torch.empty(shape, dtype=torch.float32)
+    elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"loha native build: out must be a contiguous float32 tensor of shape {shape}")
+    else:
+        built = out
     _run(library().loha_build, [_dense(w) for w in weights], a, b, coef, (built,))
     return built
 

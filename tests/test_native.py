@@ -175,6 +175,129 @@ def test_a_grouped_step_with_the_kernels_equals_the_torch_form(monkeypatch, kept
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+def toy_model(**options):
+    model = Toy()
+    loha.inject(model, rank=4, target_modules=["a", "b", "c", "d"], **options)
+    randomize_adapters(model, seed=3)
+    return model.train()
+
+
+def built_pointers(monkeypatch):
+    """The data pointer of every fused build's output, in call order."""
+    seen = []
+    fused_weights = lm.fused_weights
+
+    def recording(*args, **kwargs):
+        out = fused_weights(*args, **kwargs)
+        seen.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(lm, "fused_weights", recording)
+    return seen
+
+
+def toy_input(seed):
+    return torch.randn(3, 20, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_fused_builds_write_again_into_the_buffer_of_the_step_before(monkeypatch, kept):
+    """Three training steps: from the second on, each chunk's build reuses the first step's buffer, and the
+    losses and gradients equal those of a model whose builds always get a fresh tensor (REUSED_BYTES = 0)."""
+    if not kept:
+        monkeypatch.setattr(layer_module, "KEPT_BYTES", 0)
+    results = []
+    for budget in (0, layer_module.REUSED_BYTES):
+        monkeypatch.setattr(layer_module, "REUSED_BYTES", budget)
+        seen = built_pointers(monkeypatch)
+        model = toy_model()
+        opt = torch.optim.SGD(loha.trainable_parameters(model), lr=0.5)
+        steps = []
+        for i in range(3):
+            loss = model(toy_input(i))
+            loss.backward()
+            steps.append((loss.detach(), [p.grad.clone() for p in loha.trainable_parameters(model)]))
+            opt.step()
+            opt.zero_grad()
+        results.append(steps)
+        per_step = len(seen) // 3
+        assert per_step >= 2 and len(seen) == 3 * per_step  # two stacks (linears, convs), rebuilt chunks twice
+        if budget:
+            assert seen[per_step:2 * per_step] == seen[:per_step] == seen[2 * per_step:]
+            assert layer_module._Reused.total > 0
+        monkeypatch.undo()
+        if not kept:
+            monkeypatch.setattr(layer_module, "KEPT_BYTES", 0)
+    for (loss0, grads0), (loss1, grads1) in zip(*results, strict=True):
+        assert torch.equal(loss0, loss1)
+        for x, y in zip(grads0, grads1, strict=True):
+            assert torch.equal(x, y)
+
+
+def test_a_buffer_still_in_use_is_never_written_again(monkeypatch):
+    """The pool hands back a buffer only when no view of it is alive. And in a model: two forwards before one
+    backward, with rank dropout so that the two builds differ: the first graph's saved weights must survive
+    the second build, so the gradients equal those of fresh tensors every build (REUSED_BYTES = 0)."""
+    pool = layer_module._Reused()
+    t = pool.get(0, (2, 3, 4))
+    view = t[1]
+    other = pool.get(0, (2, 3, 4))
+    assert other is not t and other.data_ptr() != t.data_ptr()
+    del view
+    assert pool.get(0, (2, 3, 4)) is t
+    pool.release()
+
+    results = []
+    for budget in (0, layer_module.REUSED_BYTES):
+        monkeypatch.setattr(layer_module, "REUSED_BYTES", budget)
+        torch.manual_seed(7)
+        model = toy_model(rank_dropout=0.5)
+        for _ in range(2):  # the second round finds the first round's buffers in the pool
+            (model(toy_input(1)) + 2 * model(toy_input(2))).backward()
+        results.append([p.grad.clone() for p in loha.trainable_parameters(model)])
+    for x, y in zip(*results, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_inference_mode_builds_do_not_fill_the_pool_and_training_follows(monkeypatch):
+    """A build under inference_mode makes inference tensors, which training could not save for backward: they
+    never enter the pool, and the training step after them runs and keeps its own buffers."""
+    model = toy_model()
+    with torch.inference_mode():
+        expected = model(toy_input(1))
+    from loha.inject import stacks_of
+
+    assert all(s.__dict__["_reused"] is None or not s.__dict__["_reused"].buffers for s in stacks_of(model))
+    loss = model(toy_input(1))
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), expected)
+    assert all(s.__dict__["_reused"].buffers for s in stacks_of(model))
+
+
+def test_the_pool_keeps_to_its_budget_and_is_released_with_its_model(monkeypatch):
+    import gc
+
+    from loha.inject import stacks_of
+
+    gc.collect()  # earlier tests' models and their pools
+    before = layer_module._Reused.total
+    monkeypatch.setattr(layer_module, "REUSED_BYTES", before)  # no room: every build allocates, nothing is kept
+    model = toy_model()
+    model(toy_input(1)).backward()
+    assert layer_module._Reused.total == before
+    monkeypatch.setattr(layer_module, "REUSED_BYTES", before + (1 << 20))
+    model(toy_input(1)).backward()
+    kept = layer_module._Reused.total - before
+    assert 0 < kept == sum(s.__dict__["_reused"].nbytes for s in stacks_of(model)) <= 1 << 20
+    model.float()  # .to()/.float() forget builds and buffers made for the old tensors
+    assert layer_module._Reused.total == before
+    model(toy_input(1)).backward()
+    assert layer_module._Reused.total == before + kept
+    del model
+    gc.collect()
+    assert layer_module._Reused.total == before
+
+
 def run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})
