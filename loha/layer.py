@@ -238,7 +238,7 @@ class _Build:
             dropping.append(d["training"] and (d["rank_dropout"] > 0 or d["module_dropout"] > 0))
         # fp32 on CPU: the compiled kernels build W + ΔW and the gradients without writing the pair
         self.fused = dtype is torch.float32 and all(w.dtype == dtype for w in self.weights) and lm.fused(*self.math)
-        self.swapped = self.math
+        self.swapped, self.flat = self.math, None
         if self.grad and not self.fused:
             with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
                 self.swapped = lm.swapped(*self.math)
@@ -295,7 +295,9 @@ class _Build:
             out = self.stack.reused_buffer(c, (a.shape[0], a.shape[2], b.shape[-1]))
             built = lm.fused_weights(self.weights[sl], a, b, coef=coef, out=out)
             return built.view(-1, *self.weights[sl.start].shape), None
-        flat = [w.flatten(1) for w in self.weights[sl]]
+        if self.flat is None:  # the weights as (out, in·k), once per build, only where the torch form runs
+            self.flat = [w if w.dim() == 2 else w.flatten(1) for w in self.weights]
+        flat = self.flat[sl]
         weights = flat[0].unsqueeze(0) if len(flat) == 1 else torch.stack(flat)  # one layer: no copy
         pair = lm.half(*(f[sl] for f in self.swapped))
         built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
