@@ -141,7 +141,10 @@ def test_seed_recipe_peft_loads_like_loha(tiny_pipeline_dir, tmp_path):
     with_loha = image(pipe)
     assert np.abs(with_peft - base).max() > 1e-3  # the adapter changed the image...
     np.testing.assert_allclose(with_peft, with_loha, atol=1e-5)  # ...in the same way both ways
-    assert np.array_equal((with_peft * 255).round(), (with_loha * 255).round())
+    # as 8-bit images: PEFT's ops and ours round differently in the last bit (about 6e-8 here), so a value that
+    # sits on a rounding boundary may land one level apart, and nothing else may differ
+    levels = np.abs((with_peft * 255).round() - (with_loha * 255).round())
+    assert levels.max() <= 1 and np.count_nonzero(levels) <= levels.size // 1000
 
 
 def test_grouped_forward_mode_trains_like_merged(tiny_pipeline_dir, tmp_path):
