@@ -979,7 +979,7 @@ class LoHaStack(nn.Module):
         """An fp32 tensor of ``shape`` for chunk c's fused build: the one kept from an earlier step when free."""
         if _use_count is None or REUSED_BYTES <= 0:
             return torch.empty(shape, dtype=torch.float32)
-        reused = self.__dict__["_reused"]
+        reused = self.__dict__.get("_reused")  # absent in a stack pickled before the pool existed
         if reused is None:
             reused = self.__dict__["_reused"] = _Reused()
         return reused.get(c, shape)
