@@ -509,7 +509,12 @@ class _Reused:
 
     def get(self, c, shape):
         t = self.buffers.get(c)
-        if t is not None and t.shape == shape and _use_count(t.untyped_storage()._cdata) == 2:  # t and this wrapper
+        if t is not None and t.shape != shape:  # the chunks were resized (CHUNK_ELEMENTS): forget the old one
+            del self.buffers[c]
+            self.nbytes -= t.nbytes
+            _Reused.total -= t.nbytes
+            t = None
+        if t is not None and _use_count(t.untyped_storage()._cdata) == 2:  # t and this wrapper
             return t
         fresh = torch.empty(shape, dtype=torch.float32)
         # an inference tensor could not be saved for backward later: such builds never fill the pool
@@ -994,9 +999,12 @@ class LoHaStack(nn.Module):
         # deepcopy/pickle: a build holds tensors of a live graph, never worth copying
         return {**super().__getstate__(), "_build": None, "_reused": None}
 
-    def _apply(self, fn, recurse=True):
-        self.__dict__["_build"] = None  # .to()/.half(): a build from before refers to the old tensors
+    def _forget_builds(self):
+        self.__dict__["_build"] = None
         self.__dict__["_reused"] = None
+
+    def _apply(self, fn, recurse=True):
+        self._forget_builds()  # .to()/.half(): a build and buffers from before refer to the old tensors
         return super()._apply(fn, recurse)
 
     def unstack(self):
@@ -1008,8 +1016,7 @@ class LoHaStack(nn.Module):
             for name, param in zip(self.factor_names, params):
                 m.register_parameter(name, param)
         self.__dict__["layers"] = []
-        self.__dict__["_build"] = None
-        self.__dict__["_reused"] = None
+        self._forget_builds()
 
     def extra_repr(self) -> str:
         shape = tuple(self.layers[0].base_layer.weight.shape) if self.layers else ()

@@ -136,6 +136,13 @@ class Toy(torch.nn.Module):
         return (self.c(img) * self.d(img)).sum()
 
 
+def toy_model(**options):
+    model = Toy()
+    loha.inject(model, rank=4, target_modules=["a", "b", "c", "d"], **options)
+    randomize_adapters(model, seed=3)
+    return model.train()
+
+
 def grouped_step(use_native, **options):
     """One training step of the Toy in the library's default mode: (loss, factor gradients, each build's fused)."""
     seen = []
@@ -148,10 +155,7 @@ def grouped_step(use_native, **options):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(native, "serves", native.serves if use_native else lambda a, b: False)
         mp.setattr(_Build, "__init__", recording)
-        model = Toy()
-        loha.inject(model, rank=4, target_modules=["a", "b", "c", "d"], **options)
-        randomize_adapters(model, seed=3)
-        model.train()
+        model = toy_model(**options)
         loss = model(torch.randn(3, 20, generator=torch.Generator().manual_seed(1)))
         loss.backward()
     grads = [g.clone() for layer in loha.loha_layers(model).values() for g in layer.factor_gradients()]
@@ -173,13 +177,6 @@ def test_a_grouped_step_with_the_kernels_equals_the_torch_form(monkeypatch, kept
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
     for x, y in zip(grads1, grads0, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
-
-
-def toy_model(**options):
-    model = Toy()
-    loha.inject(model, rank=4, target_modules=["a", "b", "c", "d"], **options)
-    randomize_adapters(model, seed=3)
-    return model.train()
 
 
 def built_pointers(monkeypatch):
@@ -257,6 +254,22 @@ def test_a_buffer_still_in_use_is_never_written_again(monkeypatch):
         results.append([p.grad.clone() for p in loha.trainable_parameters(model)])
     for x, y in zip(*results, strict=True):
         assert torch.equal(x, y)
+
+
+def test_a_resized_chunk_replaces_its_buffer_in_the_pool():
+    """Chunks resized (CHUNK_ELEMENTS changed between steps): the old buffer leaves the pool and its bytes
+    its count, and the new shape is kept and reused from then on."""
+    before = layer_module._Reused.total
+    pool = layer_module._Reused()
+    old = pool.get(0, (2, 3, 4))
+    assert pool.nbytes == old.nbytes and layer_module._Reused.total == before + old.nbytes
+    new = pool.get(0, (4, 3, 4))
+    assert new.shape == (4, 3, 4) and pool.buffers[0] is new
+    assert pool.nbytes == new.nbytes and layer_module._Reused.total == before + new.nbytes
+    del new
+    assert pool.get(0, (4, 3, 4)) is pool.buffers[0]
+    pool.release()
+    assert layer_module._Reused.total == before
 
 
 def test_inference_mode_builds_do_not_fill_the_pool_and_training_follows(monkeypatch):
