@@ -41,9 +41,12 @@ void build_layer(const float* __restrict__ w, const float* __restrict__ a, const
     const float* r1 = a + o * R;
     const float* r2 = a2 + o * R;
     const float k = coef ? coef[o] : c;
+    const int64_t ahead = (o + 2 < O ? o + 2 : o) * I;  // W and out stream from memory: fetch two rows ahead
     for (int64_t i = 0; i < full; i += 16) {
       v16 p1 = r1[0] * load(b + i), p2 = r2[0] * load(b2 + i);
       for (int j = 1; j < R; ++j) { p1 += r1[j] * load(b + j * I + i); p2 += r2[j] * load(b2 + j * I + i); }
+      __builtin_prefetch(w + ahead + i);  // -0.3 to -0.5 ms a step (tiny UNet, lever 29)
+      __builtin_prefetch(out + ahead + i, 1);
       store(out + o * I + i, load(w + o * I + i) + k * p1 * p2);
     }
     for (int64_t i = full; i < I; ++i) {
@@ -61,7 +64,7 @@ void build_layer(const float* __restrict__ w, const float* __restrict__ a, const
 // memory operands of the FMAs instead of being hoisted into registers and spilled: 4.9 -> 4.1 ms for the
 // tiny UNet's 263 layers (AMD EPYC, rank 8). A transposing tree for the closing lane sums gained 3 %: not kept.
 template <int R, int M>
-void half_rows(const float* __restrict__ g, const float* k, const float* __restrict__ own_a,
+void half_rows(const float* __restrict__ g, const float* next, const float* k, const float* __restrict__ own_a,
                const float* __restrict__ own_b, const float* __restrict__ other_a, const float* __restrict__ other_b,
                float* __restrict__ da, float* __restrict__ db, int64_t I) {
   const int64_t full = I / 16 * 16;
@@ -73,6 +76,9 @@ void half_rows(const float* __restrict__ g, const float* k, const float* __restr
     const float* wa = own_a;
     __asm__("" : "+r"(oa), "+r"(wa));  // no hoisting of the 2·M·R broadcasts out of the loop (they would spill)
     v16 d[M];
+    // G was written long before this backward reads it (a stack's layers are spread over the UNet): the
+    // next block's rows are fetched while this one computes: -0.1 to -0.7 ms a step (tiny UNet, lever 29)
+    for (int m = 0; m < M; ++m) __builtin_prefetch(next + m * I + i);
     for (int m = 0; m < M; ++m) {
       v16 p = oa[m * R] * load(other_b + i);
       for (int j = 1; j < R; ++j) p += oa[m * R + j] * load(other_b + j * I + i);
@@ -115,13 +121,14 @@ void grads_layer(const float* __restrict__ g, const float* __restrict__ a, const
   for (; o + 3 < O; o += 4) {
     float k[4];
     for (int m = 0; m < 4; ++m) k[m] = coef ? coef[o + m] : c;
-    half_rows<R, 4>(g + o * I, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
-    half_rows<R, 4>(g + o * I, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
+    const float* next = g + (o + 7 < O ? o + 4 : o) * I;  // the next block's rows, where there is one
+    half_rows<R, 4>(g + o * I, next, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
+    half_rows<R, 4>(g + o * I, next, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
   }
   for (; o < O; ++o) {
     const float k[1] = {coef ? coef[o] : c};
-    half_rows<R, 1>(g + o * I, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
-    half_rows<R, 1>(g + o * I, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
+    half_rows<R, 1>(g + o * I, g + o * I, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
+    half_rows<R, 1>(g + o * I, g + o * I, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
   }
 }
 
