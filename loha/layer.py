@@ -224,20 +224,11 @@ class _Build:
         self.params = stack.factors()
         self.grad = torch.is_grad_enabled()
         self.math = _math_factors(self.params, dtype) if self.grad else self.params
-        # what the build depends on per layer, in one pass read from the module dicts (nn.Module.__getattr__
-        # costs about half a microsecond a lookup; a build runs every forward, for every layer)
-        self.weights, self.weight_versions, self.scales, self.training = [], [], [], []
-        dropping = []
-        for m in layers:
-            d = m.__dict__
-            w = d["_modules"]["base_layer"]._parameters["weight"]
-            self.weights.append(w)
-            self.weight_versions.append(w._version)
-            self.scales.append(d["alpha"] / d["rank"] * d["multiplier"])  # LoHaLayer.scale
-            self.training.append(d["training"])
-            dropping.append(d["training"] and (d["rank_dropout"] > 0 or d["module_dropout"] > 0))
+        # what the build depends on per layer: the stack's snapshot of it (LoHaStack.snapshot), which accepts()
+        # checks for each layer that runs, so a layer that changed gets a build from a new one
+        self.weights, self.weight_versions, self.scales, self.training, dropping, fp32 = stack.snapshot()
         # fp32 on CPU: the compiled kernels build W + ΔW and the gradients without writing the pair
-        self.fused = dtype is torch.float32 and all(w.dtype == dtype for w in self.weights) and lm.fused(*self.math)
+        self.fused = dtype is torch.float32 and fp32 and lm.fused(*self.math)
         self.swapped, self.flat = self.math, None
         if self.grad and not self.fused:
             with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
@@ -407,7 +398,7 @@ class _Build:
         fused, each layer's (None for a layer without one)."""
         self._start_backward()
         sl = self.chunks[c]
-        self._check_unchanged(range(sl.start, sl.stop), factors=True)
+        self._check_unchanged([i for i in range(sl.start, sl.stop) if self.used[i]], factors=True)
         if self.fused:
             self._add_grads(c, g, None)
         else:
@@ -645,6 +636,9 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
 
+_SNAPSHOT_STATE = frozenset({"training", "alpha", "rank", "multiplier", "rank_dropout", "module_dropout"})
+
+
 class LoHaLayer(AdapterLayer):
     """A frozen Linear or Conv2d plus a LoHa adapter (LoHaLinear / LoHaConv2d).
 
@@ -709,6 +703,13 @@ class LoHaLayer(AdapterLayer):
     @property
     def use_tucker(self) -> bool:
         return len(self.factor_names) == 6
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _SNAPSHOT_STATE:  # the stack's snapshot of it is stale (train(), set_scale, dropout rates)
+            stack = self.__dict__.get("_stack")
+            if stack is not None:
+                stack[0].__dict__["_snapshot"] = None
 
     @property
     def scale(self) -> float:
@@ -964,6 +965,7 @@ class LoHaStack(nn.Module):
         self.__dict__["layers"] = list(layers)  # plain references: the layers live in the model's tree
         self.__dict__["_build"] = None
         self.__dict__["_reused"] = None
+        self.__dict__["_snapshot"] = None
         for i, m in enumerate(layers):
             for name in m.factor_names:
                 del m._parameters[name]
@@ -989,19 +991,48 @@ class LoHaStack(nn.Module):
             reused = self.__dict__["_reused"] = _Reused()
         return reused.get(c, shape)
 
+    def snapshot(self):
+        """What a build depends on per layer, read once and kept until a layer differs from it: (base weights,
+        their versions, scales, train flags, whether each drops out, whether every weight is fp32).
+
+        Reading it took 1.5 of the tiny UNet's 2.5 ms a step of build set-up (263 layers' dicts and weights,
+        cold in cache mid-step; BENCHMARKS.md §2, lever 30). Each layer that runs is checked against it
+        (``_Build.accepts``: weight identity and version, scale, train flag), ``build_for`` takes a new one
+        when the layer that starts a build differs, and setting a layer's train flag, scale or dropout rates
+        (``LoHaLayer.__setattr__``), ``.to()`` and ``unstack`` drop it."""
+        snap = self.__dict__.get("_snapshot")  # absent in a stack pickled before it existed
+        if snap is None:
+            weights, versions, scales, training, dropping = [], [], [], [], []
+            for m in self.layers:  # read from the module dicts: nn.Module.__getattr__ costs ~0.5 µs a lookup
+                d = m.__dict__
+                w = d["_modules"]["base_layer"]._parameters["weight"]
+                weights.append(w)
+                versions.append(w._version)
+                scales.append(d["alpha"] / d["rank"] * d["multiplier"])  # LoHaLayer.scale
+                training.append(d["training"])
+                dropping.append(d["training"] and (d["rank_dropout"] > 0 or d["module_dropout"] > 0))
+            fp32 = all(w.dtype == torch.float32 for w in weights)
+            snap = self.__dict__["_snapshot"] = (weights, versions, scales, training, dropping, fp32)
+        return snap
+
     def build_for(self, layer, slot, dtype, weight) -> _Build:
         build = self.__dict__["_build"]
         if build is None or not build.accepts(layer, slot, dtype, weight):
-            build = self.__dict__["_build"] = _Build(self, dtype)
+            build = _Build(self, dtype)
+            if not build.accepts(layer, slot, dtype, weight):  # this layer changed since the snapshot
+                self.__dict__["_snapshot"] = None
+                build = _Build(self, dtype)
+            self.__dict__["_build"] = build
         return build
 
     def __getstate__(self):
         # deepcopy/pickle: a build holds tensors of a live graph, never worth copying
-        return {**super().__getstate__(), "_build": None, "_reused": None}
+        return {**super().__getstate__(), "_build": None, "_reused": None, "_snapshot": None}
 
     def _forget_builds(self):
         self.__dict__["_build"] = None
         self.__dict__["_reused"] = None
+        self.__dict__["_snapshot"] = None
 
     def _apply(self, fn, recurse=True):
         self._forget_builds()  # .to()/.half(): a build and buffers from before refer to the old tensors

@@ -321,6 +321,54 @@ def test_in_place_changes_between_forwards_are_seen():
     assert all(p.grad is not None for p in loha.trainable_parameters(grouped))
 
 
+def test_a_layer_changed_while_it_did_not_run_is_seen_by_the_next_build(chunk_path):
+    """A build reads its layers' state from the stack's snapshot, which each layer that runs is checked against.
+    b skips a step and its base weight changes in place meanwhile: the next step's build, started by a from the
+    old snapshot, hands b a build from a new one (b's own weight, not the old); the first build's backward
+    checks only the layers that ran in it, so b's stale entry there is no 'modified in place' error."""
+    merged, grouped = toy_pair()
+    x = torch.randn(3, 12)
+    for model in (merged, grouped):
+        opt = torch.optim.SGD(loha.trainable_parameters(model), lr=0.1)
+        model.skip = True
+        model(x).backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            model.b.base_layer.weight.mul_(1.5)
+        model.skip = False
+        model(x).backward()
+    assert_close_lists(grads(merged), grads(grouped))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), grouped(x))
+
+
+def test_dropout_and_train_flags_set_after_a_build_reach_the_next_one():
+    """Setting a dropout rate or one layer's train flag drops the stack's snapshot, which accepts() cannot check:
+    a module dropout of 0.999 set after a step drops ΔW (the output is the base model's, as with scale 0); b
+    set to eval while it skips a step (its old entry said "drops out") runs without asking it for a mask."""
+    _, grouped = toy_pair()
+    x = torch.randn(3, 12)
+    grouped.train()
+    grouped(x).backward()
+    for name in TARGETS:
+        getattr(grouped, name).module_dropout = 0.999
+    torch.manual_seed(0)
+    with torch.no_grad():
+        dropped = grouped(x)
+        loha.set_scale(grouped, 0.0)
+        base = grouped(x)
+        loha.set_scale(grouped, 1.0)
+        assert not torch.allclose(grouped.eval()(x), base)  # the adapters do change the output
+    torch.testing.assert_close(dropped, base)
+    grouped.train()
+    grouped(x).backward()
+    grouped.b.eval()
+    grouped.skip = True
+    grouped(x).backward()
+    assert all(torch.isfinite(p.grad).all() for p in loha.trainable_parameters(grouped))
+
+
 def test_fp32_autocast_off_and_inference_mode_match_merged():
     """Without a 16-bit compute dtype the grouped build is merged's math: the pair in the factors' fp32;
     and without grad it is so under 16-bit autocast too (the fused model's weights, bit for bit)."""
