@@ -995,11 +995,11 @@ class LoHaStack(nn.Module):
         """What a build depends on per layer, read once and kept until a layer differs from it: (base weights,
         their versions, scales, train flags, whether each drops out, whether every weight is fp32).
 
-        Reading it took 1.5 of the tiny UNet's 2.5 ms a step of build set-up (263 layers' dicts and weights,
-        cold in cache mid-step; BENCHMARKS.md §2, lever 30). Each layer that runs is checked against it
-        (``_Build.accepts``: weight identity and version, scale, train flag), ``build_for`` takes a new one
-        when the layer that starts a build differs, and setting a layer's train flag, scale or dropout rates
-        (``LoHaLayer.__setattr__``), ``.to()`` and ``unstack`` drop it."""
+        Read at every build, it cost about 1.1 of the 3.1 ms a step the tiny UNet's 23 builds took to set up
+        (263 layers' dicts and weights, cold in cache mid-step; BENCHMARKS.md §2, lever 30). Each layer that
+        runs is checked against it (``_Build.accepts``: weight identity and version, scale, train flag),
+        ``build_for`` takes a new one when the layer that starts a build differs, and setting a layer's train
+        flag, scale or dropout rates (``LoHaLayer.__setattr__``), ``.to()`` and ``unstack`` drop it."""
         snap = self.__dict__.get("_snapshot")  # absent in a stack pickled before it existed
         if snap is None:
             weights, versions, scales, training, dropping = [], [], [], [], []
