@@ -245,20 +245,27 @@ def test_grouped_diffusers_gradient_checkpointing_matches_merged(count_builds):
     assert count_builds["builds"] > 2  # 2 stacks forward, more for the recomputed blocks
 
 
-def test_skipped_layer_and_two_forwards_before_backward(chunk_path):
+def step_without_b_then(x, loss, between=lambda model: None):
+    """The toy pair after an SGD step with b skipped, ``between(model)``, and a backward of ``loss(model)`` with
+    b back; asserts both got the same gradients and give the same output."""
     merged, grouped = toy_pair()
-    x = torch.randn(3, 12)
     for model in (merged, grouped):
         opt = torch.optim.SGD(loha.trainable_parameters(model), lr=0.1)
         model.skip = True
         model(x).backward()
         opt.step()
         opt.zero_grad()
+        between(model)
         model.skip = False
-        (model(x) + model(2 * x)).backward()
+        loss(model).backward()
     assert_close_lists(grads(merged), grads(grouped))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), grouped(x))
+
+
+def test_skipped_layer_and_two_forwards_before_backward(chunk_path):
+    x = torch.randn(3, 12)
+    step_without_b_then(x, lambda model: model(x) + model(2 * x))
 
 
 def test_a_finished_build_is_freed_by_reference_counting(chunk_path):
@@ -326,21 +333,12 @@ def test_a_layer_changed_while_it_did_not_run_is_seen_by_the_next_build(chunk_pa
     b skips a step and its base weight changes in place meanwhile: the next step's build, started by a from the
     old snapshot, hands b a build from a new one (b's own weight, not the old); the first build's backward
     checks only the layers that ran in it, so b's stale entry there is no 'modified in place' error."""
-    merged, grouped = toy_pair()
-    x = torch.randn(3, 12)
-    for model in (merged, grouped):
-        opt = torch.optim.SGD(loha.trainable_parameters(model), lr=0.1)
-        model.skip = True
-        model(x).backward()
-        opt.step()
-        opt.zero_grad()
+    def change_b(model):
         with torch.no_grad():
             model.b.base_layer.weight.mul_(1.5)
-        model.skip = False
-        model(x).backward()
-    assert_close_lists(grads(merged), grads(grouped))
-    with torch.no_grad():
-        torch.testing.assert_close(merged(x), grouped(x))
+
+    x = torch.randn(3, 12)
+    step_without_b_then(x, lambda model: model(x), change_b)
 
 
 def test_dropout_and_train_flags_set_after_a_build_reach_the_next_one():
