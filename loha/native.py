@@ -199,7 +199,12 @@ def build(weights, a, b, coef, out=None) -> torch.Tensor:
         raise ValueError(f"loha native build: out must be a contiguous float32 tensor of shape {shape}")
     else:
         built = out
-    _run(library().loha_build, [_dense(w) for w in weights], a, b, coef, (built,))
+    mats = [_dense(w) for w in weights]
+    wrong = next((m for m in mats if m.numel() != shape[1] * shape[2]), None)
+    if wrong is not None:  # the kernel would read past its end
+        raise ValueError(f"loha native build: a base weight of shape {tuple(wrong.shape)} where the adapter's "
+                         f"factors need {shape[1]}×{shape[2]} elements; give the layer a weight of its own shape")
+    _run(library().loha_build, mats, a, b, coef, (built,))
     return built
 
 

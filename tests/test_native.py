@@ -197,6 +197,17 @@ def toy_input(seed):
     return torch.randn(3, 20, generator=torch.Generator().manual_seed(seed))
 
 
+def test_a_base_weight_of_another_shape_is_an_error_not_a_read_past_its_end():
+    """The build kernel reads each base weight as out × in·k floats: one replaced by a smaller tensor (here b's
+    18 × 20 by 9 × 20) is refused with the shape in the message, before the kernel runs."""
+    model = toy_model()
+    x = torch.randn(3, 20)
+    model(x).backward()
+    model.b.base_layer.weight = torch.nn.Parameter(torch.randn(9, 20), requires_grad=False)
+    with pytest.raises(ValueError, match=r"base weight of shape \(9, 20\).*18×20"):
+        model(x)
+
+
 @pytest.mark.parametrize("kept", [True, False])
 def test_fused_builds_write_again_into_the_buffer_of_the_step_before(monkeypatch, kept):
     """Three training steps: from the second on, each chunk's build reuses the first step's buffer, and the
