@@ -216,7 +216,9 @@ class _Build:
     ``KEPT_BYTES`` allows (``_KeptChunkFunction``: autograd differentiates each layer's op and hands the
     chunk's stacked G back); other chunks are freed once used. Backward of those: each layer's rebuilt
     weight for its input gradient, its G deposited, a chunk's factor gradients computed when its last
-    layer has deposited, and everything left over in ``finish``."""
+    layer has deposited, and everything left over in ``finish``, which ``_GroupFunction`` (the token every
+    such layer takes) calls. A build of one chunk is direct: kept, that chunk returns the stack's gradients
+    itself, and the token is made only for a chunk that is not kept."""
 
     def __init__(self, stack, dtype):
         layers = stack.layers
@@ -247,7 +249,19 @@ class _Build:
         self.deposits = [dict() for _ in self.chunks]
         self.pieces = [None] * len(self.chunks)  # each chunk's factor gradients, once computed
         self.backward_started = False
-        self.token = _GroupFunction.apply(self, *self.params) if self.grad else None
+        self.wants = self.grad and any(p.requires_grad for p in self.params)  # a frozen stack wants none
+        # A build of one chunk makes no token up front: kept, its chunk's Function takes the stacked factors
+        # and returns their gradients itself, with no _GroupFunction and no finish (lever 31: −1.8 ms a step,
+        # tiny UNet full preset, whose 23 builds are all one chunk). The token comes on first need (layer_token).
+        self.direct = len(self.chunks) == 1
+        self.token = None if self.direct or not self.grad else _GroupFunction.apply(self, *self.params)
+
+    def layer_token(self):
+        """The token a layer of a chunk rebuilt in backward takes (``_GroupedLayerFunction``), made on first
+        need in a direct build, so the gradients of its deposits reach autograd through ``finish``."""
+        if self.token is None:
+            self.token = _GroupFunction.apply(self, *self.params)
+        return self.token
 
     def _coefficients(self, dropping):
         """scale per layer, times the rank/module dropout mask of the layers in training (``dropping``): one
@@ -297,8 +311,7 @@ class _Build:
     def _keeps(self, c) -> bool:
         sl = self.chunks[c]
         nbytes = (sl.stop - sl.start) * self.weights[0].numel() * self.dtype.itemsize
-        return (self.token is not None and self.token.requires_grad and _Held.total + nbytes <= KEPT_BYTES
-                and _plain_saving())
+        return self.wants and _Held.total + nbytes <= KEPT_BYTES and _plain_saving()
 
     @staticmethod
     def _evict(cache):
@@ -306,9 +319,11 @@ class _Build:
             del cache[next(iter(cache))]
 
     def forward_weight(self, slot, x):
-        """The layer's W + ΔW for forward on input x: a view of a kept chunk (it requires grad: run the plain
-        op on it) or a tensor without grad (in a grad build: run _GroupedLayerFunction, rebuilt in backward).
-        A chunk is unbound once, so a layer's lookup is a tuple index, not a select op.
+        """(the layer's W + ΔW for forward on input x, whether the layer runs ``_GroupedLayerFunction``, which
+        rebuilds it in backward): a view of a kept chunk (it requires grad) for the plain op, or for that
+        Function either such a view, to which it returns its G (a layer of a kept chunk that does not save
+        its weight), or, in a grad build, a tensor without grad, whose G it deposits with the build. A chunk
+        is unbound once, so a layer's lookup is a tuple index, not a select op.
 
         Not every layer of a kept chunk takes the kept view: under a hook that unpacks once (checkpointing)
         none does, since its recomputation could not either; and where x has an input recipe, the plain op
@@ -320,7 +335,7 @@ class _Build:
         built = self.forward_cache.get(c) or self.kept.get(c)
         if built is None:
             if self._keeps(c):
-                kept = _KeptChunkFunction.apply(self.token, self, c)
+                kept = _KeptChunkFunction.apply(self, c, *(self.params if self.direct else (self.token,)))
                 built = self.kept[c] = kept if self.fused else kept.unbind(0)
             else:
                 self._evict(self.forward_cache)
@@ -333,15 +348,17 @@ class _Build:
                 self.holds[c].add(x.nbytes)
         if plain and x.requires_grad:
             self.weights_saved.add(c)
-        left = self.forward_left[c] = self.forward_left[c] - 1
-        if self.grad and not plain:
+        rebuilt = self.grad and not plain
+        weight = built[slot - self.chunks[c].start]
+        if rebuilt and c not in self.kept:
             self.expected[c] += 1
+            weight = weight.detach() if weight.requires_grad else weight  # a cached build has none
+        left = self.forward_left[c] = self.forward_left[c] - 1
         if left == 0:
             self.forward_cache.pop(c, None)
             if self.kept.pop(c, None) is not None and c not in self.weights_saved:
                 self.holds.pop(c).release()
-        weight = built[slot - self.chunks[c].start]
-        return weight if plain or not weight.requires_grad else weight.detach()
+        return weight, rebuilt
 
     def backward_weight(self, slot):
         self._start_backward()
@@ -382,7 +399,7 @@ class _Build:
         self.deposits[c] = {}
         self.expected[c] = 0
         if self.fused:  # each layer's G as it is: no stack, no pair
-            self._add_grads(c, [deposits.get(i) for i in range(sl.start, sl.stop)], None)
+            self._add_grads(c, self._factor_grads(c, [deposits.get(i) for i in range(sl.start, sl.stop)], None))
             return
         _, pair = cached or self._build(c)
         present = next(iter(deposits.values()))
@@ -391,28 +408,36 @@ class _Build:
         else:
             zero = None if len(deposits) == sl.stop - sl.start else present.new_zeros(()).expand_as(present)
             g = torch.stack([deposits.get(i, zero) for i in range(sl.start, sl.stop)])
-        self._add_grads(c, g, pair)
+        self._add_grads(c, self._factor_grads(c, g, pair))
 
     def kept_grads(self, c, g):
         """A kept chunk's factor gradients from its G: stacked (n, *weight shape), the products recomputed, or
-        fused, each layer's (None for a layer without one)."""
+        fused, each layer's (None for a layer without one). A direct build returns the stack's gradients (its
+        one chunk's, in the factors' dtype); otherwise they are added to the chunk's piece for ``finish``."""
         self._start_backward()
         sl = self.chunks[c]
         self._check_unchanged([i for i in range(sl.start, sl.stop) if self.used[i]], factors=True)
+        cached = self.backward_cache.pop(c, None)  # rebuilt for a layer that returned its G here
         if self.fused:
-            self._add_grads(c, g, None)
+            grads = self._factor_grads(c, g, None)
         else:
-            self._add_grads(c, g.flatten(2) if g.dim() > 3 else g, lm.half(*(f[sl] for f in self.swapped)))
+            pair = cached[1] if cached is not None else lm.half(*(f[sl] for f in self.swapped))
+            grads = self._factor_grads(c, g.flatten(2) if g.dim() > 3 else g, pair)
+        if self.direct:
+            return tuple(_cast(d, p.dtype) for d, p in zip(grads, self.params))
+        self._add_grads(c, grads)
+        return None
 
-    def _add_grads(self, c, g, pair):
-        """Adds chunk c's factor gradients from its G: stacked (n, out, in·k) with the pair (n, 2, out, in·k),
-        or, fused, a sequence of each layer's G (shaped like its weight; None for a layer without one), no pair."""
+    def _factor_grads(self, c, g, pair):
+        """Chunk c's factor gradients from its G: stacked (n, out, in·k) with the pair (n, 2, out, in·k), or,
+        fused, a sequence of each layer's G (shaped like its weight; None for a layer without one), no pair."""
         sl = self.chunks[c]
         coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
         if self.fused:
-            grads = lm.fused_grads(g, *(f[sl] for f in self.math), coef=coef)
-        else:
-            grads = lm.pair_grads(_cast(g, pair.dtype), pair, *(f[sl] for f in self.math), coef=coef)
+            return lm.fused_grads(g, *(f[sl] for f in self.math), coef=coef)
+        return lm.pair_grads(_cast(g, pair.dtype), pair, *(f[sl] for f in self.math), coef=coef)
+
+    def _add_grads(self, c, grads):
         old = self.pieces[c]
         self.pieces[c] = grads if old is None else [a + b for a, b in zip(old, grads)]
 
@@ -524,14 +549,16 @@ class _Reused:
 
 class _KeptChunkFunction(torch.autograd.Function):
     """A chunk of built weights kept from forward to backward: its layers run the plain op on them and the
-    backward turns their weight gradients into the chunk's factor gradients. The token input orders it
-    before the stack's ``_GroupFunction``. Built (n, *weight shape); its output is that tensor, whose views
-    the layers take and whose gradient autograd stacks, or, fused, those views as n outputs: their gradients
-    come back apart, as the kernel reads them, without a stack (a 12 MB copy a step, tiny UNet full preset)."""
+    backward turns their weight gradients into the chunk's factor gradients. Its inputs: the build's token,
+    which orders it before the stack's ``_GroupFunction`` (that returns the gradients), or in a direct build
+    (one chunk) the stacked factors, whose gradients it returns itself. Built (n, *weight shape); its output
+    is that tensor, whose views the layers take and whose gradient autograd stacks, or, fused, those views as
+    n outputs: their gradients come back apart, as the kernel reads them, without a stack (a 12 MB copy a
+    step, tiny UNet full preset)."""
 
     @staticmethod
-    def forward(ctx, token, build, c):
-        ctx.build, ctx.c = build, c
+    def forward(ctx, build, c, *inputs):
+        ctx.build, ctx.c, ctx.inputs = build, c, len(inputs)
         ctx.set_materialize_grads(False)
         built = build._build(c)[0]  # its pair is recomputed in backward: held, it would cost 4× the budget
         ctx.held = build.holds[c] = _Held(built.nbytes)
@@ -540,13 +567,16 @@ class _KeptChunkFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *g):
         ctx.held.release()
-        if any(x is not None for x in g):
-            ctx.build.kept_grads(ctx.c, g if ctx.build.fused else g[0])
-        return None, None, None
+        build = ctx.build
+        if not any(x is not None for x in g):
+            return (None,) * (2 + ctx.inputs)
+        grads = build.kept_grads(ctx.c, g if build.fused else g[0])
+        return None, None, *(grads or (None,))  # direct: the stack's gradients; else the token's None
 
 
 class _GroupedLayerFunction(torch.autograd.Function):
-    """One layer of a grouped build: op(x, built W + ΔW) for a chunk that is rebuilt in backward; saves x only."""
+    """One layer of a grouped build: op(x, built W + ΔW), the weight rebuilt in backward; saves x only. Its G
+    goes to the weight (a kept chunk's view) or, deposited, to the build (the token then needs grad)."""
 
     @staticmethod
     def forward(ctx, x, token, bias, build, slot, op, weight):
@@ -559,10 +589,10 @@ class _GroupedLayerFunction(torch.autograd.Function):
         x = _kept_input(ctx, ctx.saved_tensors[0])
         build, need = ctx.build, ctx.needs_input_grad
         weight = build.backward_weight(ctx.slot)
-        grad_x, gw, grad_b = ctx.op.backward(g, x, weight, need[0], need[1], need[2] and ctx.has_bias)
+        grad_x, gw, grad_b = ctx.op.backward(g, x, weight, need[0], need[1] or need[6], need[2] and ctx.has_bias)
         if need[1]:
             build.deposit(ctx.slot, gw)
-        return grad_x, None, grad_b, None, None, None, None
+        return grad_x, None, grad_b, None, None, None, gw.view(weight.shape) if need[6] else None
 
 
 # ------------------------------------------------------------------------------------ the modules
@@ -843,9 +873,10 @@ class LoHaLayer(AdapterLayer):
         if stack is not None and d["_forward_mode"] == "grouped" and not weight.requires_grad \
                 and not torch.compiler.is_compiling():
             build = stack[0].build_for(self, stack[1], x.dtype, weight)
-            bias, built = base["bias"], build.forward_weight(stack[1], x)
-            if build.grad and not built.requires_grad:  # a chunk rebuilt in backward
-                return _GroupedLayerFunction.apply(x, build.token, bias, build, stack[1], self.op, built)
+            bias, (built, rebuilt) = base["bias"], build.forward_weight(stack[1], x)
+            if rebuilt:  # the weight rebuilt in backward; its G goes to a kept chunk's view, or with the token
+                token = None if built.requires_grad else build.layer_token()
+                return _GroupedLayerFunction.apply(x, token, bias, build, stack[1], self.op, built)
             return self.op.forward(x, built, _cast(bias, x.dtype))  # no grad, or a kept chunk
         row = self._row_scale()
         coef = self.scale if row is None else (row * self.scale)[:, None]

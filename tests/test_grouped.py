@@ -527,6 +527,58 @@ def test_a_budget_that_keeps_some_chunks_gives_the_same_gradients(monkeypatch, c
     assert_close_lists(rebuilt, everything, rtol=1e-5, atol=1e-7)
 
 
+class SiluPairs(nn.Module):
+    """Two 12→10 linears and two 2→3 3×3 convs (a stack of one chunk each): a and c run first, on their
+    input as it is, then b and d on its silu, an input with a recipe."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = (nn.Linear(12, 10, dtype=dtype) for _ in range(2))
+        self.c, self.d = (nn.Conv2d(2, 3, 3, padding=1, dtype=dtype) for _ in range(2))
+
+    def forward(self, x):
+        img = x.reshape(-1, 2, 2, 3)
+        ya, yc = self.a(x), self.c(img)  # both chunks built before b and d run
+        silu = torch.nn.functional.silu
+        return (ya * self.b(silu(x))).sum() + (yc * self.d(silu(img))).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the fused CPU kernels, the torch form
+def test_a_kept_chunk_whose_layer_is_rebuilt_for_its_inputs_bytes(monkeypatch, dtype):
+    """A one-chunk build makes no token: its kept chunk returns the stack's gradients itself (lever 31). When
+    the budget keeps the chunks but not the inputs b and d would save, those two run rebuilt in backward and
+    return their G to the chunk's view: the gradients equal the per-layer Function's (and, in float64,
+    numerical gradients)."""
+    models = []
+    for mode, stack in (("merged", False), ("grouped", True)):
+        m = SiluPairs(dtype)
+        loha.inject(m, rank=3, target_modules=["a", "b", "c", "d"], forward_mode=mode, stack=stack, dtype=dtype)
+        randomize_adapters(m, seed=2)
+        m.train()
+        models.append(m)
+    merged, grouped = models
+    gc.collect()  # other tests' discarded graphs hold kept bytes until the garbage collector frees them
+    built = 2 * (10 * 12 + 3 * 2 * 3 * 3) * dtype.itemsize
+    monkeypatch.setattr(layer_module, "KEPT_BYTES", layer_module._Held.total + built)  # the chunks, no input
+    x = torch.randn(3, 12, dtype=dtype, requires_grad=True)
+    seen = {}
+    for name in "abcd":
+        getattr(grouped, name).register_forward_hook(
+            lambda m, i, out, name=name: seen.__setitem__(name, type(out.grad_fn).__name__))
+    grouped(x).backward()
+    rebuilt = {name for name, node in seen.items() if node == "_GroupedLayerFunctionBackward"}
+    assert len(seen) == 4 and rebuilt == {"b", "d"}
+    builds = [s.__dict__["_build"] for s in stacks_of(grouped)]
+    assert len(builds) == 2 and all(b.direct and b.token is None for b in builds)  # kept, with no token
+    assert not any(b.backward_cache for b in builds)  # the chunks rebuilt for b and d are not held past backward
+    merged(x.detach().requires_grad_()).backward()
+    assert_close_lists(grads(merged), grads(grouped), rtol=1e-5, atol=1e-6)
+    if dtype is torch.float64:
+        params = loha.trainable_parameters(grouped)
+        assert torch.autograd.gradcheck(lambda x, *_: grouped(x), (x, *params))
+
+
 def test_chunks_keep_what_is_saved_to_the_inputs(monkeypatch):
     """What autograd keeps between forward and backward, counted with saved_tensors_hooks. Chunks rebuilt in
     backward (KEPT_BYTES = 0) save the layers' inputs and nothing of size out×in, exactly as much as
