@@ -11,23 +11,63 @@
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));  // 16 lanes: AVX-512, two AVX2 or four NEON registers
-
+// The gradient kernel's vector width V and rows a block, by target: its M·R vector accumulators of ∂Wka must
+// live in registers, or every FMA pays a spill. AVX-512 (32 registers of 16): 4 rows, measured best on a
+// Zen 4 (2, 3 and 4 within 2 %). AVX2 (16 registers of 8): 1 row of 8 lanes, measured on a Zen 3: the tiny
+// UNet's 263 layers at rank 8 take 9.3 ms where 16 lanes and 4 rows (the AVX-512 shape, twice the registers
+// there are) took 28, and 8 lanes with 2 or 4 rows 11.4 and 13.6. Elsewhere one register of 4 lanes: 2 rows
+// with NEON's 32 registers, 1 with SSE's 16, by the same count, not measured. -DLOHA_LANES / -DLOHA_ROWS
+// override (tests/test_native.py builds each of the three shapes on any machine).
+#ifndef LOHA_LANES
+#if defined(__AVX512F__)
+#define LOHA_LANES 16
+#define LOHA_ROWS 4
+#elif defined(__AVX__)
+#define LOHA_LANES 8
+#define LOHA_ROWS 1
+#elif defined(__aarch64__)
+#define LOHA_LANES 4
+#define LOHA_ROWS 2
+#else
+#define LOHA_LANES 4
+#define LOHA_ROWS 1
+#endif
+#endif
+constexpr int V = LOHA_LANES;
+constexpr int ROWS = LOHA_ROWS;
+static_assert(V == 4 || V == 8 || V == 16, "LOHA_LANES must be 4, 8 or 16");
+static_assert(ROWS >= 1 && ROWS <= 8, "LOHA_ROWS must be 1 to 8");
+typedef float v16 __attribute__((vector_size(64)));  // the build's: AVX-512, two AVX2 or four NEON registers
+typedef float vg __attribute__((vector_size(4 * V)));  // the gradient kernel's
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
 inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline float lanes_sum(v16 v) {  // by halves: three vector adds, not 15 lane extractions
-  v8 lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  const v8 s8 = lo + hi;
+inline vg loadg(const float* p) { vg v; std::memcpy(&v, p, sizeof v); return v; }
+inline void storeg(float* p, vg v) { std::memcpy(p, &v, sizeof v); }
+inline float sum4(v4 a) { return (a[0] + a[2]) + (a[1] + a[3]); }
+inline float sum8(v8 v) {
   v4 a, b;
-  std::memcpy(&a, &s8, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
-  const v4 s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  return sum4(a + b);
+}
+inline float lanes_sum(vg v) {  // by halves: a few vector adds, not V lane extractions
+  if constexpr (V == 16) {
+    v8 lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return sum8(lo + hi);
+  } else if constexpr (V == 8) {
+    v8 x;
+    std::memcpy(&x, &v, sizeof x);
+    return sum8(x);
+  } else {
+    v4 x;
+    std::memcpy(&x, &v, sizeof x);
+    return sum4(x);
+  }
 }
 
 // One layer's W + coef·P1⊙P2: per row o and 16 columns, both products in registers from R broadcasts.
@@ -59,7 +99,8 @@ void build_layer(const float* __restrict__ w, const float* __restrict__ a, const
 
 // One half k's factor gradients for M consecutive rows: ∂Pk = coef·G⊙(the other half's product, recomputed
 // in registers), ∂Wka's M rows summed in vector accumulators, ∂Wkb's R rows (in cache) updated once for the
-// M rows. M = 4 reads and writes ∂Wkb a quarter as often as row by row: 1.75 vs 2.9 ns an element at rank 8.
+// M rows (ROWS, by target, above). On AVX-512, M = 4 reads and writes ∂Wkb a quarter as often as row by row:
+// 1.75 vs 2.9 ns an element at rank 8.
 // The factor rows are read through pointers the loop cannot prove invariant, so their 2·M·R broadcasts stay
 // memory operands of the FMAs instead of being hoisted into registers and spilled: 4.9 -> 4.1 ms for the
 // tiny UNet's 263 layers (AMD EPYC, rank 8). A transposing tree for the closing lane sums gained 3 %: not kept.
@@ -67,31 +108,31 @@ template <int R, int M>
 void half_rows(const float* __restrict__ g, const float* next, const float* k, const float* __restrict__ own_a,
                const float* __restrict__ own_b, const float* __restrict__ other_a, const float* __restrict__ other_b,
                float* __restrict__ da, float* __restrict__ db, int64_t I) {
-  const int64_t full = I / 16 * 16;
-  v16 s[M][R];
+  const int64_t full = I / V * V;
+  vg s[M][R];
   for (int m = 0; m < M; ++m)
-    for (int j = 0; j < R; ++j) s[m][j] = v16{};
-  for (int64_t i = 0; i < full; i += 16) {
+    for (int j = 0; j < R; ++j) s[m][j] = vg{};
+  for (int64_t i = 0; i < full; i += V) {
     const float* oa = other_a;
     const float* wa = own_a;
     __asm__("" : "+r"(oa), "+r"(wa));  // no hoisting of the 2·M·R broadcasts out of the loop (they would spill)
-    v16 d[M];
+    vg d[M];
     // G was written long before this backward reads it (a stack's layers are spread over the UNet): the
     // next block's rows are fetched while this one computes: -0.1 to -0.7 ms a step (tiny UNet, lever 29)
     for (int m = 0; m < M; ++m) __builtin_prefetch(next + m * I + i);
     for (int m = 0; m < M; ++m) {
-      v16 p = oa[m * R] * load(other_b + i);
-      for (int j = 1; j < R; ++j) p += oa[m * R + j] * load(other_b + j * I + i);
-      d[m] = k[m] * load(g + m * I + i) * p;
+      vg p = oa[m * R] * loadg(other_b + i);
+      for (int j = 1; j < R; ++j) p += oa[m * R + j] * loadg(other_b + j * I + i);
+      d[m] = k[m] * loadg(g + m * I + i) * p;
     }
     for (int j = 0; j < R; ++j) {
-      const v16 bj = load(own_b + j * I + i);
-      v16 acc = load(db + j * I + i);
+      const vg bj = loadg(own_b + j * I + i);
+      vg acc = loadg(db + j * I + i);
       for (int m = 0; m < M; ++m) {
         s[m][j] += d[m] * bj;
         acc += wa[m * R + j] * d[m];
       }
-      store(db + j * I + i, acc);
+      storeg(db + j * I + i, acc);
     }
   }
   for (int m = 0; m < M; ++m) {
@@ -110,7 +151,7 @@ void half_rows(const float* __restrict__ g, const float* next, const float* k, c
   }
 }
 
-// One layer's factor gradients: blocks of 4 rows (then single rows), a pass per half.
+// One layer's factor gradients: blocks of ROWS rows (then single rows), a pass per half.
 template <int R>
 void grads_layer(const float* __restrict__ g, const float* __restrict__ a, const float* __restrict__ b,
                  const float* coef, float c, float* __restrict__ da, float* __restrict__ db, int64_t O, int64_t I) {
@@ -118,12 +159,12 @@ void grads_layer(const float* __restrict__ g, const float* __restrict__ a, const
   const float* b2 = b + R * I;
   std::memset(db, 0, sizeof(float) * 2 * R * I);
   int64_t o = 0;
-  for (; o + 3 < O; o += 4) {
-    float k[4];
-    for (int m = 0; m < 4; ++m) k[m] = coef ? coef[o + m] : c;
-    const float* next = g + (o + 7 < O ? o + 4 : o) * I;  // the next block's rows, where there is one
-    half_rows<R, 4>(g + o * I, next, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
-    half_rows<R, 4>(g + o * I, next, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
+  for (; o + ROWS - 1 < O; o += ROWS) {
+    float k[ROWS];
+    for (int m = 0; m < ROWS; ++m) k[m] = coef ? coef[o + m] : c;
+    const float* next = g + (o + 2 * ROWS - 1 < O ? o + ROWS : o) * I;  // the next block's rows, where there is one
+    half_rows<R, ROWS>(g + o * I, next, k, a + o * R, b, a2 + o * R, b2, da + o * R, db, I);
+    half_rows<R, ROWS>(g + o * I, next, k, a2 + o * R, b2, a + o * R, b, da + O * R + o * R, db + R * I, I);
   }
   for (; o < O; ++o) {
     const float k[1] = {coef ? coef[o] : c};

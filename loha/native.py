@@ -51,16 +51,17 @@ def _machine_key() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _compile(compiler: str, target: Path) -> str | None:
+def _compile(compiler: str, target: Path, defines=()) -> str | None:
     """Builds the library at ``target`` (written under a temporary name, then renamed: a concurrent or
-    interrupted build never leaves a half-written file there). Returns None, or the compiler's last line."""
+    interrupted build never leaves a half-written file there). Returns None, or the compiler's last line.
+    ``defines``: extra ``-D`` flags (the tests build the kernel shapes of other targets with them)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     error = "no compiler output"
     for flags in _FLAGS:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
         os.close(fd)
         try:
-            run = subprocess.run([compiler, *flags, "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", tmp],
+            run = subprocess.run([compiler, *flags, *defines, "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", tmp],
                                  capture_output=True, text=True, timeout=300)
             if run.returncode == 0:
                 os.replace(tmp, target)
@@ -93,13 +94,16 @@ def library():
         error = str(e)
     if error is None:
         try:
-            lib = ctypes.CDLL(str(target))
+            return _load(target)
         except OSError as e:
             error = str(e)
-    if error is not None:
-        warnings.warn(f"loha: could not build the fused CPU kernels ({error}); CPU training runs as torch ops "
-                      f"(slower, same results); set LOHA_NATIVE=0 to skip the attempt", stacklevel=3)
-        return None
+    warnings.warn(f"loha: could not build the fused CPU kernels ({error}); CPU training runs as torch ops "
+                  f"(slower, same results); set LOHA_NATIVE=0 to skip the attempt", stacklevel=3)
+    return None
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
     for name in ("loha_build", "loha_grads"):
         getattr(lib, name).argtypes = _ARGS if name == "loha_build" else [*_ARGS, _ptr]
         getattr(lib, name).restype = ctypes.c_int

@@ -62,6 +62,25 @@ def test_kernels_match_float64_autograd_for_every_compiled_rank(r, shape):
         torch.testing.assert_close(gb.double(), db, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lanes, rows", [(16, 4), (8, 1), (4, 2), (4, 1)])
+def test_the_gradient_kernel_of_every_target_matches_float64_autograd(tmp_path, monkeypatch, lanes, rows):
+    """The kernel's vector width and rows a block depend on the target (AVX-512, AVX2, NEON, SSE): each shape,
+    built here with -D whatever this CPU is, against the formula; rows and columns past the blocks included."""
+    target = tmp_path / "kernels.so"
+    assert native._compile(COMPILER, target, (f"-DLOHA_LANES={lanes}", f"-DLOHA_ROWS={rows}")) is None
+    monkeypatch.setattr(native, "library", lambda: native._load(target))
+    for r in (1, 3, 8, 16):
+        for n, out, inner in ((2, 10, 40), (1, 5, 17), (3, 9, 8), (1, 1, 3)):
+            a, b, g = factors(n, out, inner, r, seed=r + out)
+            gs = [torch.randn(out, inner, generator=g) for _ in range(n)]
+            for coef in (0.75, torch.rand(n, out, 1, generator=g) + 0.5):
+                _, da, db = reference([torch.zeros(out, inner)] * n, gs, a, b, coef)
+                ga, gb = lm.fused_grads(gs, a, b, coef)
+                torch.testing.assert_close(ga.double(), da, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(gb.double(), db, rtol=1e-4, atol=1e-5)
+
+
 def test_a_missing_gradient_counts_as_zero_and_threads_split_layers_exactly():
     a, b, g = factors(5, 24, 40, 8)
     gs = [torch.randn(24, 40, generator=g) for _ in range(5)]
