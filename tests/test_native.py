@@ -49,7 +49,7 @@ def reference(weights, gs, a, b, coef):
 @pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16])
 @pytest.mark.parametrize("shape", [(3, 10, 12), (2, 64, 48), (1, 1, 17), (2, 5, 16)])
 def test_kernels_match_float64_autograd_for_every_compiled_rank(r, shape):
-    """Widths below, at and past the vector blocks (8 or 16 lanes; the scalar tail), one-row layers, scalar and per-row coef."""
+    """Widths below, at and past the vector blocks (the scalar tail), one-row layers, scalar and per-row coef."""
     n, out, inner = shape
     a, b, g = factors(n, out, inner, r, seed=r)
     weights = [torch.randn(out, inner, generator=g) for _ in range(n)]
