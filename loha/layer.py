@@ -350,9 +350,8 @@ class _Build:
             self.weights_saved.add(c)
         rebuilt = self.grad and not plain
         weight = built[slot - self.chunks[c].start]
-        if rebuilt and c not in self.kept:
+        if rebuilt and c not in self.kept:  # a forward_cache chunk, built without grad: its G is deposited
             self.expected[c] += 1
-            weight = weight.detach() if weight.requires_grad else weight  # a cached build has none
         left = self.forward_left[c] = self.forward_left[c] - 1
         if left == 0:
             self.forward_cache.pop(c, None)

@@ -17,7 +17,7 @@ namespace {
 // UNet's 263 layers at rank 8 take 9.3 ms where 16 lanes and 4 rows (the AVX-512 shape, twice the registers
 // there are) took 28, and 8 lanes with 2 or 4 rows 11.4 and 13.6. Elsewhere one register of 4 lanes: 2 rows
 // with NEON's 32 registers, 1 with SSE's 16, by the same count, not measured. -DLOHA_LANES / -DLOHA_ROWS
-// override (tests/test_native.py builds each of the three shapes on any machine).
+// override (tests/test_native.py builds each of the four shapes on any machine).
 #ifndef LOHA_LANES
 #if defined(__AVX512F__)
 #define LOHA_LANES 16
