@@ -23,6 +23,7 @@ from .formats import (
     save,
     write_safetensors,
 )
+from .grouped import LoHaStack
 from .inject import (
     DEFAULT_PRESET,
     DEFAULT_TARGETS,
@@ -43,7 +44,7 @@ from .inject import (
     unmerge,
     unstack,
 )
-from .layer import FORWARD_MODES, DiffLayer, LoHaConv2d, LoHaError, LoHaLayer, LoHaLinear, LoHaStack
+from .layer import FORWARD_MODES, DiffLayer, LoHaConv2d, LoHaError, LoHaLayer, LoHaLinear
 
 __all__ = [
     "Adapter", "DEFAULT_PRESET", "DEFAULT_TARGETS", "DiffLayer", "FORWARD_MODES", "LoHaConv2d", "LoHaError",

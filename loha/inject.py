@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layer import FACTOR_NAMES, AdapterLayer, LoHaError, LoHaLayer, LoHaStack, adapter_for
+from .grouped import LoHaStack
+from .layer import FACTOR_NAMES, AdapterLayer, LoHaError, LoHaLayer, adapter_for
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

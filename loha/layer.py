@@ -1,20 +1,11 @@
-"""The adapter modules (LoHaLinear, LoHaConv2d, DiffLayer) and their autograd Functions, built on loha.math.
+"""The adapter modules (LoHaLinear, LoHaConv2d, DiffLayer) and their per-layer autograd Function, built on
+loha.math.
 
 Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) with op = linear or conv2d:
 
-- ``"grouped"`` (default): the factors of all adapters of one shape live in a ``LoHaStack`` (four or six
-  stacked Parameters). W + scale·ΔW is built for a whole chunk of same-shape layers at once, summed
-  once and cast to the compute dtype, and each layer then runs the plain op. A training build under a
-  16-bit compute dtype runs its pair (P1, P2) and factor-gradient math in that dtype, as autocast would;
-  otherwise, and always without grad, the pair stays in the factors' dtype (``_math_factors``). While
-  ``KEPT_BYTES`` allows (512 MiB of built weights per step), a chunk is kept for backward: its layers'
-  ops are autograd's own, differentiated in C++, and the chunk's stacked weight gradient comes back in
-  one piece. Past the budget a chunk is rebuilt in backward and saves only each layer's input (not even
-  that where autograd already keeps what the input is computed from: GEGLU's halves before
-  ``ff.net.2``, the norm before a resnet conv); it rebuilds W + ΔW chunk by chunk, in reverse order, and
-  collects every layer's weight gradient G. Either way the factor gradients of a chunk are computed in
-  one batched pass, and the optimizer sees two (three) tensors per shape. This is the fastest mode;
-  nothing of size out×in is kept beyond the budget, only a chunk or two in flight (BENCHMARKS.md).
+- ``"grouped"`` (default): the factors of all adapters of one shape live in a ``LoHaStack``
+  (``loha.grouped``), which builds W + ΔW for chunks of same-shape layers at once and differentiates them
+  together, saving only each layer's input. Each layer hands its call to its stack.
 - ``"merged"``: the same math per layer, in one hand-written Function per layer (also what runs under
   ``torch.compile`` and for adapters that are not stacked).
 - ``"bypass"``: op(x, W) + op(x, scale·ΔW): ΔW keeps its own relative precision (worth it only when
@@ -23,46 +14,28 @@ Forward strategies (``forward_mode``), all computing y = op(x, W + scale·ΔW) w
 DoRA adapters (``dora_scale``) and bias differences (``diff_b``) are applied with plain autograd ops;
 ``DiffLayer`` adds full weight/bias differences (ComfyUI's ``.diff`` / ``.diff_b``) to any module.
 
-This file imports nothing of the package but loha.math.
+A base weight may be stored in fp8 (``loha.fp8``): every path here upcasts it where it is used.
+
+This file imports nothing of the package but loha.math and loha.internals.
 """
 
 from __future__ import annotations
 
 import math as _pymath
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import internals
 from . import math as lm
 
 FORWARD_MODES = ("grouped", "merged", "bypass")
 INIT_SCHEMES = ("lycoris", "peft")
 FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER_NAMES = (*FACTOR_NAMES, "hada_t1", "hada_t2")
-STACK_NAMES = ("hada_a", "hada_b", "hada_t")  # a LoHaStack's Parameters: both halves of each factor, paired
-
-# A grouped build works on chunks of same-shape layers of about this many weight elements, twice as many
-# for a 16-bit pair (a training build under bf16/fp16: the same bytes in flight): with an fp32 pair a chunk
-# of 1280×1280 SDXL layers is 20 layers and the 10240×1280 GEGLU projections 2 (about 14 launched ops a
-# chunk), while what a chunk holds in flight in backward (W+ΔW, P1 and P2, G) stays near 0.5 GiB either way
-# (BENCHMARKS.md §2, lever 21: SDXL bf16 1.57 → 1.29 launched extra ops per layer).
-# CPU and GPU alike: on CPU the smaller 2^16 that kept a chunk in L2 is slower since the backward rebuilds
-# (BENCHMARKS.md §2, lever 7a), because fewer, larger chunks mean fewer ops and less Python per step.
-CHUNK_ELEMENTS = 1 << 25
-CACHED_CHUNKS = 2  # chunks of built weights kept in flight per stack, forward and backward alike
-# Up to this many bytes of built weights (all stacks together, per training step) are kept from forward
-# to backward instead of rebuilt: their layers then run the plain op on a differentiable view of the
-# chunk, so autograd's own C++ backward computes their weight gradients, with no Python Function per
-# layer and no rebuild (CPU tiny UNet: the step's overhead over the floor 0.45 → 0.29× PEFT LoHa's).
-# Past the budget, chunks are rebuilt in backward and nothing out×in is kept (SDXL 1024² bf16: the budget
-# bounds what keeping adds to saved-for-backward; BENCHMARKS.md §2, lever 17). 0 keeps nothing.
-KEPT_BYTES = 512 << 20
-# Where the fused CPU kernels build a chunk, its output buffer is kept in the stack between steps, up to
-# this many bytes for all stacks together, and written again next step once nothing else holds it: a fresh
-# multi-MB tensor each step made glibc grow and trim the heap top, about 2000 page faults a step (tiny UNet
-# full preset: −6 ms, BENCHMARKS.md §2, lever 27). GPUs have torch's caching allocator and keep nothing here.
-REUSED_BYTES = 512 << 20
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class LoHaError(ValueError):
@@ -79,14 +52,45 @@ def _scaled(t, coef):
     return t.mul_(coef) if isinstance(coef, torch.Tensor) or coef != 1.0 else t
 
 
+def usable(weight, dtype):
+    """A base weight as ops can take it: an fp8-stored one upcast to ``dtype``, any other as it is."""
+    return weight.to(dtype) if weight.dtype in FP8_DTYPES else weight
+
+
+class _SharedCast:
+    """The last input cast to autocast's dtype, reused by the next layer that gets the same tensor: to_q, to_k
+    and to_v read one fp32 norm output (CUDA autocast runs layer_norm in fp32), and each saves its input for
+    its weight gradient, so one shared bf16 copy instead of three (BENCHMARKS.md, peak memory). Weak
+    references only: nothing is kept alive, and an in-place change of x (its version) makes a new copy."""
+
+    source = result = None
+    version, dtype = -1, None
+
+    @classmethod
+    def to(cls, x, dtype):
+        if x.dtype == dtype:
+            return x
+        src, res = cls.source and cls.source(), cls.result and cls.result()
+        if src is x and res is not None and cls.version == x._version and cls.dtype == dtype \
+                and res.requires_grad == (x.requires_grad and torch.is_grad_enabled()):
+            return res
+        res = x.to(dtype)
+        try:
+            cls.source, cls.result, cls.version, cls.dtype = weakref.ref(x), weakref.ref(res), x._version, dtype
+        except TypeError:  # a tensor subclass without weak references: no sharing
+            cls.source = cls.result = None
+        return res
+
+
 # ---------------------------------------------------------------------- inputs autograd already keeps
-_top_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-
-
-def _plain_saving() -> bool:
-    """True unless saved-tensor hooks that may unpack a tensor only once are active (checkpointing)."""
-    hooks = _top_saved_tensor_hooks(False) if _top_saved_tensor_hooks is not None else ("unknown",)
-    return hooks is None or getattr(hooks[0], "loha_unpack_twice", False)
+def saving_hooks() -> str:
+    """Which saved-tensor hooks are active: "none", "checkpoint" (torch.utils.checkpoint's, which hand back on
+    recompute what a layer saved), or "other" (e.g. offloading; a hook may allow one unpack per tensor).
+    A hook whose pack function sets ``loha_unpack_twice = True`` (a byte counter) counts as none."""
+    hooks = internals.saved_tensors_hooks_on_top()
+    if hooks is None or getattr(hooks[0], "loha_unpack_twice", False):
+        return "none"
+    return "checkpoint" if getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint" else "other"
 
 
 def _input_recipe(x):
@@ -98,13 +102,12 @@ def _input_recipe(x):
     for the floor's own backward anyway, and x is recomputed from them bit for bit in our backward, which
     runs before theirs. Only metadata is read here: nothing is unpacked in forward.
 
-    Under saved-tensor hooks (non-reentrant checkpointing, offloading) x is saved as usual: a hook may
-    allow one unpack per saved tensor (checkpointing does), and a recomputed block keeps little anyway.
-    A hook whose pack function sets ``loha_unpack_twice = True`` (bench.py's byte counter) keeps it."""
+    Under saved-tensor hooks (checkpointing, offloading) x is saved as usual: a hook may allow one unpack per
+    saved tensor (checkpointing does), and a recomputed block keeps little anyway."""
     if torch.compiler.is_compiling():  # before touching grad_fn, which dynamo cannot trace
         return None
     node = x.grad_fn
-    return None if node is None or not _plain_saving() else _recipe_node(node)
+    return None if node is None or saving_hooks() != "none" else _recipe_node(node)
 
 
 def _recipe_node(node):
@@ -115,49 +118,60 @@ def _recipe_node(node):
     return None
 
 
-def _keep_input(ctx, x, *others):
+def keep_input(ctx, x, *others):
     """ctx.save_for_backward(x, *others), with x replaced by its recipe where there is one."""
     ctx.input_recipe = _input_recipe(x)
     ctx.save_for_backward(*((x,) if ctx.input_recipe is None else (None,)), *others)
 
 
-def _kept_input(ctx, saved):
+def kept_input(ctx, saved):
     node = ctx.input_recipe
     if node is None:
         return saved
-    if type(node).__name__ == "SiluBackward0":
-        return F.silu(node._saved_self)
-    return torch.mul(node._saved_self, node._saved_other)
+    operands = internals.recipe_operands(node)
+    return F.silu(operands[0]) if len(operands) == 1 else torch.mul(*operands)
 
 
 # ------------------------------------------------------------------------------------ the two ops
-class _LinearOp:
-    """y = x·Wᵀ + b, and its backward."""
+class LinearOp:
+    """y = x·Wᵀ + b, and its backward; the weight gradient written into ``gw_out`` when given."""
 
     def forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
-    def backward(self, g, x, weight, need_x, need_w, need_b):
+    def backward(self, g, x, weight, need_x, need_w, need_b, gw_out=None):
         grad_x = torch.matmul(g, weight) if need_x else None
         g2 = g.reshape(-1, g.shape[-1])
-        grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_w = None
+        if need_w:
+            x2 = x.reshape(-1, x.shape[-1])
+            if gw_out is not None and gw_out.dtype == g.dtype:
+                grad_w = torch.mm(g2.t(), x2, out=gw_out)
+            else:
+                grad_w = torch.mm(g2.t(), x2)
+                grad_w = grad_w if gw_out is None else gw_out.copy_(grad_w)
         return grad_x, grad_w, g2.sum(0) if need_b else None
 
 
-class _Conv2dOp:
+class Conv2dOp:
     """y = conv2d(x, W, b) with the base layer's stride, padding and dilation (groups = 1)."""
 
     def __init__(self, conv: nn.Conv2d):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight_shape = tuple(conv.weight.shape)
 
     def forward(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
-    def backward(self, g, x, weight, need_x, need_w, need_b):
+    def backward(self, g, x, weight, need_x, need_w, need_b, gw_out=None):
+        if weight is None:  # no input gradient: only the weight's shape is read
+            weight = g.new_empty(1).expand(self.weight_shape)
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             g, x, weight, [weight.shape[0]] if need_b else None, self.stride, self.padding, self.dilation,
             False, [0, 0], 1, [need_x, need_w, need_b])
-        return grad_x, None if grad_w is None else grad_w.flatten(1), grad_b
+        if grad_w is not None:
+            grad_w = grad_w.flatten(1) if gw_out is None else gw_out.copy_(grad_w.flatten(1))
+        return grad_x, grad_w, grad_b
 
 
 # ------------------------------------------------------------------------------ per-layer Function
@@ -169,20 +183,21 @@ class _LoHaFunction(torch.autograd.Function):
         p1, p2 = lm.products(factors)
         shape = weight.shape
         if merged:
-            y = op.forward(x, lm.add_delta(weight.flatten(1), p1, p2, coef, x.dtype).view(shape), _cast(bias, x.dtype))
+            y = op.forward(x, lm.add_delta(usable(weight, p1.dtype).flatten(1), p1, p2, coef, x.dtype).view(shape),
+                           _cast(bias, x.dtype))
         else:
             y = op.forward(x, _cast(weight, x.dtype), _cast(bias, x.dtype))
             y = y + op.forward(x, _cast(_scaled(p1.mul_(p2), coef), x.dtype).view(shape), None)
         if ctx is not None:  # None: called directly for inference, nothing to save
             tensor_coef = coef if isinstance(coef, torch.Tensor) else None
-            _keep_input(ctx, x, weight, tensor_coef, *factors)
+            keep_input(ctx, x, weight, tensor_coef, *factors)
             ctx.coef, ctx.merged, ctx.op, ctx.has_bias = coef, merged, op, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, tensor_coef, *factors = ctx.saved_tensors
-        x = _kept_input(ctx, x)
+        x = kept_input(ctx, x)
         coef = ctx.coef if tensor_coef is None else tensor_coef
         need = ctx.needs_input_grad
         need_factors = any(need[6:])
@@ -190,7 +205,7 @@ class _LoHaFunction(torch.autograd.Function):
         shape, op = weight.shape, ctx.op
         need_b = need[2] and ctx.has_bias
         if ctx.merged:
-            w_eff = lm.add_delta(weight.flatten(1), p1, p2, coef, g.dtype).view(shape)
+            w_eff = lm.add_delta(usable(weight, p1.dtype).flatten(1), p1, p2, coef, g.dtype).view(shape)
             grad_x, gw, grad_b = op.backward(g, x, w_eff, need[0], need[1] or need_factors, need_b)
         else:
             grad_x, gw, grad_b = op.backward(g, x, _cast(weight, g.dtype), need[0], need[1] or need_factors, need_b)
@@ -206,392 +221,6 @@ class _LoHaFunction(torch.autograd.Function):
                 *grads)
 
 
-# ----------------------------------------------------------------------------- the grouped mode
-class _Build:
-    """One grouped forward through a LoHaStack's layers, and its backward.
-
-    A layer joins the current build if its slot is unused there and nothing the build depends on has
-    changed (grad mode, dtype, scale, train/eval, the factors' and W's in-place versions); otherwise
-    it starts a new one. Forward: built weights by chunk. A grad build keeps a chunk for backward while
-    ``KEPT_BYTES`` allows (``_KeptChunkFunction``: autograd differentiates each layer's op and hands the
-    chunk's stacked G back); other chunks are freed once used. Backward of those: each layer's rebuilt
-    weight for its input gradient, its G deposited, a chunk's factor gradients computed when its last
-    layer has deposited, and everything left over in ``finish``, which ``_GroupFunction`` (the token every
-    such layer takes) calls. A build of one chunk is direct: kept, that chunk returns the stack's gradients
-    itself, and the token is made only for a chunk that is not kept."""
-
-    def __init__(self, stack, dtype):
-        layers = stack.layers
-        self.stack, self.layers, self.dtype = stack, layers, dtype
-        self.params = stack.factors()
-        self.grad = torch.is_grad_enabled()
-        self.math = _math_factors(self.params, dtype) if self.grad else self.params
-        # what the build depends on per layer: the stack's snapshot of it (LoHaStack.snapshot), which accepts()
-        # checks for each layer that runs, so a layer that changed gets a build from a new one
-        self.weights, self.weight_versions, self.scales, self.training, dropping, fp32 = stack.snapshot()
-        # fp32 on CPU: the compiled kernels build W + ΔW and the gradients without writing the pair
-        self.fused = dtype is torch.float32 and fp32 and lm.fused(*self.math)
-        self.swapped, self.flat = self.math, None
-        if self.grad and not self.fused:
-            with torch.no_grad():  # a grad build's pairs are (P2, P1), the order lm.pair_grads multiplies G by
-                self.swapped = lm.swapped(*self.math)
-        self.version = self._factor_version()
-        self.used = [False] * len(layers)
-        size = max(1, CHUNK_ELEMENTS * max(1, 4 // self.math[0].dtype.itemsize) // self.weights[0].numel())
-        self.chunk = size
-        self.chunks = [slice(i, min(i + size, len(layers))) for i in range(0, len(layers), size)]
-        self.coef = self._coefficients(dropping)
-        self.forward_cache, self.backward_cache = {}, {}
-        self.kept = {}  # chunk → its kept weights (views of a _KeptChunkFunction output) while layers are left
-        self.holds, self.weights_saved = {}, set()  # kept chunks' _Held, and those a layer's op saved
-        self.forward_left = [s.stop - s.start for s in self.chunks]
-        self.expected = [0] * len(self.chunks)  # layers of each chunk that ran forward in grad mode
-        self.deposits = [dict() for _ in self.chunks]
-        self.pieces = [None] * len(self.chunks)  # each chunk's factor gradients, once computed
-        self.backward_started = False
-        self.wants = self.grad and any(p.requires_grad for p in self.params)  # a frozen stack wants none
-        # A build of one chunk makes no token up front: kept, its chunk's Function takes the stacked factors
-        # and returns their gradients itself, with no _GroupFunction and no finish (lever 31: −1.8 ms a step,
-        # tiny UNet full preset, whose 23 builds are all one chunk). The token comes on first need (layer_token).
-        self.direct = len(self.chunks) == 1
-        self.token = None if self.direct or not self.grad else _GroupFunction.apply(self, *self.params)
-
-    def layer_token(self):
-        """The token a layer of a chunk rebuilt in backward takes (``_GroupedLayerFunction``), made on first
-        need in a direct build, so the gradients of its deposits reach autograd through ``finish``."""
-        if self.token is None:
-            self.token = _GroupFunction.apply(self, *self.params)
-        return self.token
-
-    def _coefficients(self, dropping):
-        """scale per layer, times the rank/module dropout mask of the layers in training (``dropping``): one
-        float when every layer has the same scale and none drops out, else (L, out, 1) in the pair's dtype."""
-        layers, p = self.layers, self.math[0]
-        if len(set(self.scales)) == 1 and not any(dropping):
-            return self.scales[0]
-        out = self.weights[0].shape[0]
-        coef = torch.tensor(self.scales, device=p.device, dtype=p.dtype)[:, None, None].expand(-1, out, 1)
-        if any(dropping):
-            coef = coef * torch.stack([m._row_scale() if d else torch.ones(out, device=p.device, dtype=p.dtype)
-                                       for m, d in zip(layers, dropping)])[:, :, None]
-        return coef.contiguous()
-
-    def _factor_version(self) -> int:
-        # version counters only grow: their sum is unchanged exactly when none of them changed
-        p = self.params  # two or three stacks: no generator (it is checked once per layer call)
-        return p[0]._version + p[1]._version + (p[2]._version if len(p) > 2 else 0)
-
-    def accepts(self, layer, slot, dtype, weight) -> bool:
-        return (not self.used[slot] and not self.backward_started and self.dtype is dtype
-                and self.grad is torch.is_grad_enabled() and self.scales[slot] == layer.scale
-                and self.training[slot] is layer.training and self.weights[slot] is weight
-                and self.weight_versions[slot] == weight._version and self.version == self._factor_version())
-
-    def _build(self, c):
-        """(each layer's W + ΔW in the compute dtype, the pair) for chunk ``c``: the weights stacked,
-        (n, *weight shape), the pair flat, (n, 2, out, in·k): the stack holds both halves side by side, so one
-        matmul (or one Tucker chain) builds both. In a grad build the pair is (P2, P1), built from the halves
-        swapped once per build (``self.swapped``; P2 ⊙ P1 is the same W + ΔW, bit for bit), so forward,
-        rebuild and ``lm.pair_grads`` share one order and no chunk flips its factors."""
-        sl = self.chunks[c]
-        coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
-        if self.fused:  # no pair: the gradients recompute it in registers
-            a, b = (f[sl] for f in self.math)
-            out = self.stack.reused_buffer(c, (a.shape[0], a.shape[2], b.shape[-1]))
-            built = lm.fused_weights(self.weights[sl], a, b, coef=coef, out=out)
-            return built.view(-1, *self.weights[sl.start].shape), None
-        if self.flat is None:  # the weights as (out, in·k), once per build, only where the torch form runs
-            self.flat = [w if w.dim() == 2 else w.flatten(1) for w in self.weights]
-        flat = self.flat[sl]
-        weights = flat[0].unsqueeze(0) if len(flat) == 1 else torch.stack(flat)  # one layer: no copy
-        pair = lm.half(*(f[sl] for f in self.swapped))
-        built = lm.add_delta(weights, pair[:, 0], pair[:, 1], coef, self.dtype)
-        return built.view(-1, *self.weights[sl.start].shape), pair
-
-    def _keeps(self, c) -> bool:
-        sl = self.chunks[c]
-        nbytes = (sl.stop - sl.start) * self.weights[0].numel() * self.dtype.itemsize
-        return self.wants and _Held.total + nbytes <= KEPT_BYTES and _plain_saving()
-
-    @staticmethod
-    def _evict(cache):
-        if len(cache) >= CACHED_CHUNKS:
-            del cache[next(iter(cache))]
-
-    def forward_weight(self, slot, x):
-        """(the layer's W + ΔW for forward on input x, whether the layer runs ``_GroupedLayerFunction``, which
-        rebuilds it in backward): a view of a kept chunk (it requires grad) for the plain op, or for that
-        Function either such a view, to which it returns its G (a layer of a kept chunk that does not save
-        its weight), or, in a grad build, a tensor without grad, whose G it deposits with the build. A chunk
-        is unbound once, so a layer's lookup is a tuple index, not a select op.
-
-        Not every layer of a kept chunk takes the kept view: under a hook that unpacks once (checkpointing)
-        none does, since its recomputation could not either; and where x has an input recipe, the plain op
-        would save x, which the rebuilt path does not, so x's bytes count against the budget too. The op
-        saves its weight only when x requires grad: a kept chunk none of whose layers saved it (cross-
-        attention's to_k/to_v) is freed after forward and stops counting against the budget."""
-        self.used[slot] = True
-        c = slot // self.chunk
-        built = self.forward_cache.get(c) or self.kept.get(c)
-        if built is None:
-            if self._keeps(c):
-                kept = _KeptChunkFunction.apply(self, c, *(self.params if self.direct else (self.token,)))
-                built = self.kept[c] = kept if self.fused else kept.unbind(0)
-            else:
-                self._evict(self.forward_cache)
-                with torch.no_grad():
-                    built = self.forward_cache[c] = self._build(c)[0].unbind(0)
-        plain = c in self.kept and _plain_saving()
-        if plain and x.grad_fn is not None and _recipe_node(x.grad_fn) is not None:
-            plain = _Held.total + x.nbytes <= KEPT_BYTES
-            if plain:
-                self.holds[c].add(x.nbytes)
-        if plain and x.requires_grad:
-            self.weights_saved.add(c)
-        rebuilt = self.grad and not plain
-        weight = built[slot - self.chunks[c].start]
-        if rebuilt and c not in self.kept:  # a forward_cache chunk, built without grad: its G is deposited
-            self.expected[c] += 1
-        left = self.forward_left[c] = self.forward_left[c] - 1
-        if left == 0:
-            self.forward_cache.pop(c, None)
-            if self.kept.pop(c, None) is not None and c not in self.weights_saved:
-                self.holds.pop(c).release()
-        return weight, rebuilt
-
-    def backward_weight(self, slot):
-        self._start_backward()
-        self._check_unchanged((slot,), factors=False)
-        c = slot // self.chunk
-        cached = self.backward_cache.get(c)
-        if cached is None:
-            self._check_unchanged((), factors=True)
-            self._evict(self.backward_cache)
-            built, pair = self._build(c)
-            cached = self.backward_cache[c] = built.unbind(0), pair
-        return cached[0][slot - self.chunks[c].start]
-
-    def _start_backward(self):
-        if not self.backward_started:
-            self.backward_started = True
-            self.forward_cache.clear()
-            self.kept.clear()
-
-    def _check_unchanged(self, slots, factors):
-        """Raise if the base weight of any of ``slots`` or (``factors``) any factor changed in place since forward."""
-        if (factors and self.version != self._factor_version()) or any(
-                self.weight_versions[i] != self.weights[i]._version for i in slots):
-            raise RuntimeError("a LoHa factor or base weight was modified in place between the forward and the "
-                               "backward (e.g. optimizer.step() before loss.backward()); run backward first")
-
-    def deposit(self, slot, g):
-        c = slot // self.chunk
-        self.deposits[c][slot] = g
-        if len(self.deposits[c]) == self.expected[c]:
-            self._chunk_grads(c)
-
-    def _chunk_grads(self, c):
-        sl, deposits = self.chunks[c], self.deposits[c]
-        if not deposits:
-            return
-        cached = self.backward_cache.pop(c, None)
-        self.deposits[c] = {}
-        self.expected[c] = 0
-        if self.fused:  # each layer's G as it is: no stack, no pair
-            self._add_grads(c, self._factor_grads(c, [deposits.get(i) for i in range(sl.start, sl.stop)], None))
-            return
-        _, pair = cached or self._build(c)
-        present = next(iter(deposits.values()))
-        if sl.stop - sl.start == 1:
-            g = present.unsqueeze(0)
-        else:
-            zero = None if len(deposits) == sl.stop - sl.start else present.new_zeros(()).expand_as(present)
-            g = torch.stack([deposits.get(i, zero) for i in range(sl.start, sl.stop)])
-        self._add_grads(c, self._factor_grads(c, g, pair))
-
-    def kept_grads(self, c, g):
-        """A kept chunk's factor gradients from its G: stacked (n, *weight shape), the products recomputed, or
-        fused, each layer's (None for a layer without one). A direct build returns the stack's gradients (its
-        one chunk's, in the factors' dtype); otherwise they are added to the chunk's piece for ``finish``."""
-        self._start_backward()
-        sl = self.chunks[c]
-        self._check_unchanged([i for i in range(sl.start, sl.stop) if self.used[i]], factors=True)
-        cached = self.backward_cache.pop(c, None)  # rebuilt for a layer that returned its G here
-        if self.fused:
-            grads = self._factor_grads(c, g, None)
-        else:
-            pair = cached[1] if cached is not None else lm.half(*(f[sl] for f in self.swapped))
-            grads = self._factor_grads(c, g.flatten(2) if g.dim() > 3 else g, pair)
-        if self.direct:
-            return tuple(_cast(d, p.dtype) for d, p in zip(grads, self.params))
-        self._add_grads(c, grads)
-        return None
-
-    def _factor_grads(self, c, g, pair):
-        """Chunk c's factor gradients from its G: stacked (n, out, in·k) with the pair (n, 2, out, in·k), or,
-        fused, a sequence of each layer's G (shaped like its weight; None for a layer without one), no pair."""
-        sl = self.chunks[c]
-        coef = self.coef[sl] if isinstance(self.coef, torch.Tensor) else self.coef
-        if self.fused:
-            return lm.fused_grads(g, *(f[sl] for f in self.math), coef=coef)
-        return lm.pair_grads(_cast(g, pair.dtype), pair, *(f[sl] for f in self.math), coef=coef)
-
-    def _add_grads(self, c, grads):
-        old = self.pieces[c]
-        self.pieces[c] = grads if old is None else [a + b for a, b in zip(old, grads)]
-
-    def finish(self):
-        """The stack's factor gradients: every chunk with deposits computed, the others zero."""
-        self.backward_started = True
-        self.token = None  # token → its node → ctx → this build: a cycle only the garbage collector would free
-        for c in range(len(self.chunks)):
-            self._chunk_grads(c)
-        self.forward_cache.clear()
-        self.kept.clear()
-        self.backward_cache.clear()
-        if all(p is None for p in self.pieces):
-            return (None,) * len(self.params)
-        pieces = [p if p is not None else [torch.zeros_like(f[s]) for f in self.math]
-                  for p, s in zip(self.pieces, self.chunks)]
-        self.pieces = [None] * len(self.chunks)
-        grads = pieces[0] if len(pieces) == 1 else [torch.cat(parts) for parts in zip(*pieces)]
-        return tuple(_cast(g, p.dtype) for g, p in zip(grads, self.params))
-
-
-def _math_factors(params, dtype):
-    """The stacked factors a training build runs on: cast once per build to a 16-bit compute dtype (what
-    autocast does to PEFT's and LyCORIS's products), else as they are. A 16-bit pair halves the bytes of
-    every pass over it (built, summed into W, multiplied by G, read by both gradient GEMMs: SDXL full
-    preset +304 → +156 GB a step, BENCHMARKS.md §2 lever 20); W + ΔW is still summed with one rounding
-    (``lm.add_delta``), and the gradients return in the factors' dtype. Builds without grad keep the
-    factors' precision: written and read once there, the pair costs little, and an unfused model then
-    computes exactly the weights ``merge`` folds in."""
-    if dtype not in (torch.bfloat16, torch.float16) or params[0].dtype.itemsize <= dtype.itemsize:
-        return params
-    with torch.no_grad():
-        return tuple(p.to(dtype) for p in params)
-
-
-class _GroupFunction(torch.autograd.Function):
-    """Links a build to autograd: its output (an empty token) is an input of every layer's Function, so
-    its backward runs once all of them have, and returns the stack's gradients."""
-
-    @staticmethod
-    def forward(ctx, build, *params):
-        ctx.build = build
-        ctx.set_materialize_grads(False)
-        return params[0].new_empty(0)
-
-    @staticmethod
-    def backward(ctx, _):
-        return (None, *ctx.build.finish())
-
-
-class _Held:
-    """Bytes of built weights kept for backward, counted model-wide against ``KEPT_BYTES`` until the chunk's
-    backward has run, or its graph is freed without one."""
-
-    total = 0
-
-    def __init__(self, nbytes):
-        self.nbytes = 0
-        self.add(nbytes)
-
-    def add(self, nbytes):
-        self.nbytes += nbytes
-        _Held.total += nbytes
-
-    def release(self):
-        _Held.total -= self.nbytes
-        self.nbytes = 0
-
-    __del__ = release
-
-
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-class _Reused:
-    """A stack's fp32 output buffers of fused chunk builds, kept between steps (``REUSED_BYTES``). A buffer is
-    written again only when its storage has no other user: no view of it is alive (a kept chunk's outputs,
-    a cached chunk, a graph that was never backpropagated), so nothing that read the old weights can see
-    the new ones; otherwise the build gets a fresh tensor, as without the pool."""
-
-    total = 0
-
-    def __init__(self):
-        self.buffers, self.nbytes = {}, 0
-
-    def get(self, c, shape):
-        t = self.buffers.get(c)
-        if t is not None and t.shape != shape:  # the chunks were resized (CHUNK_ELEMENTS): forget the old one
-            del self.buffers[c]
-            self.nbytes -= t.nbytes
-            _Reused.total -= t.nbytes
-            t = None
-        if t is not None and _use_count(t.untyped_storage()._cdata) == 2:  # t and this wrapper
-            return t
-        fresh = torch.empty(shape, dtype=torch.float32)
-        # an inference tensor could not be saved for backward later: such builds never fill the pool
-        if t is None and not torch.is_inference_mode_enabled() and _Reused.total + fresh.nbytes <= REUSED_BYTES:
-            self.buffers[c] = fresh
-            self.nbytes += fresh.nbytes
-            _Reused.total += fresh.nbytes
-        return fresh
-
-    def release(self):
-        _Reused.total -= self.nbytes
-        self.buffers, self.nbytes = {}, 0
-
-    __del__ = release
-
-
-class _KeptChunkFunction(torch.autograd.Function):
-    """A chunk of built weights kept from forward to backward: its layers run the plain op on them and the
-    backward turns their weight gradients into the chunk's factor gradients. Its inputs: the build's token,
-    which orders it before the stack's ``_GroupFunction`` (that returns the gradients), or in a direct build
-    (one chunk) the stacked factors, whose gradients it returns itself. Built (n, *weight shape); its output
-    is that tensor, whose views the layers take and whose gradient autograd stacks, or, fused, those views as
-    n outputs: their gradients come back apart, as the kernel reads them, without a stack (a 12 MB copy a
-    step, tiny UNet full preset)."""
-
-    @staticmethod
-    def forward(ctx, build, c, *inputs):
-        ctx.build, ctx.c, ctx.inputs = build, c, len(inputs)
-        ctx.set_materialize_grads(False)
-        built = build._build(c)[0]  # its pair is recomputed in backward: held, it would cost 4× the budget
-        ctx.held = build.holds[c] = _Held(built.nbytes)
-        return built.unbind(0) if build.fused else built
-
-    @staticmethod
-    def backward(ctx, *g):
-        ctx.held.release()
-        build = ctx.build
-        if not any(x is not None for x in g):
-            return (None,) * (2 + ctx.inputs)
-        grads = build.kept_grads(ctx.c, g if build.fused else g[0])
-        return None, None, *(grads or (None,))  # direct: the stack's gradients; else the token's None
-
-
-class _GroupedLayerFunction(torch.autograd.Function):
-    """One layer of a grouped build: op(x, built W + ΔW), the weight rebuilt in backward; saves x only. Its G
-    goes to the weight (a kept chunk's view) or, deposited, to the build (the token then needs grad)."""
-
-    @staticmethod
-    def forward(ctx, x, token, bias, build, slot, op, weight):
-        _keep_input(ctx, x)
-        ctx.build, ctx.slot, ctx.op, ctx.has_bias = build, slot, op, bias is not None
-        return op.forward(x, weight, _cast(bias, x.dtype))
-
-    @staticmethod
-    def backward(ctx, g):
-        x = _kept_input(ctx, ctx.saved_tensors[0])
-        build, need = ctx.build, ctx.needs_input_grad
-        weight = build.backward_weight(ctx.slot)
-        grad_x, gw, grad_b = ctx.op.backward(g, x, weight, need[0], need[1] or need[6], need[2] and ctx.has_bias)
-        if need[1]:
-            build.deposit(ctx.slot, gw)
-        return grad_x, None, grad_b, None, None, None, gw.view(weight.shape) if need[6] else None
 
 
 # ------------------------------------------------------------------------------------ the modules
@@ -665,9 +294,6 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
 
-_SNAPSHOT_STATE = frozenset({"training", "alpha", "rank", "multiplier", "rank_dropout", "module_dropout"})
-
-
 class LoHaLayer(AdapterLayer):
     """A frozen Linear or Conv2d plus a LoHa adapter (LoHaLinear / LoHaConv2d).
 
@@ -732,13 +358,6 @@ class LoHaLayer(AdapterLayer):
     @property
     def use_tucker(self) -> bool:
         return len(self.factor_names) == 6
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name in _SNAPSHOT_STATE:  # the stack's snapshot of it is stale (train(), set_scale, dropout rates)
-            stack = self.__dict__.get("_stack")
-            if stack is not None:
-                stack[0].__dict__["_snapshot"] = None
 
     @property
     def scale(self) -> float:
@@ -853,11 +472,11 @@ class LoHaLayer(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.multiplier == 0:
             return self.base_layer(x)
-        if torch._C._is_any_autocast_enabled():  # one query when autocast is off (the common case)
+        if internals.any_autocast_enabled():  # one query when autocast is off (the common case)
             dev = x.device.type
             if torch.is_autocast_enabled(dev):  # compute in autocast's dtype, as the layer it replaces would
                 with torch.autocast(dev, enabled=False):
-                    return self._compute(_cast(x, torch.get_autocast_dtype(dev)))
+                    return self._compute(_SharedCast.to(x, torch.get_autocast_dtype(dev)))
         return self._compute(x)
 
     # The per-call paths read parameters from the module dicts directly: nn.Module.__getattr__ costs about
@@ -871,15 +490,10 @@ class LoHaLayer(AdapterLayer):
         stack, weight = d["_stack"], base["weight"]
         if stack is not None and d["_forward_mode"] == "grouped" and not weight.requires_grad \
                 and not torch.compiler.is_compiling():
-            build = stack[0].build_for(self, stack[1], x.dtype, weight)
-            bias, (built, rebuilt) = base["bias"], build.forward_weight(stack[1], x)
-            if rebuilt:  # the weight rebuilt in backward; its G goes to a kept chunk's view, or with the token
-                token = None if built.requires_grad else build.layer_token()
-                return _GroupedLayerFunction.apply(x, token, bias, build, stack[1], self.op, built)
-            return self.op.forward(x, built, _cast(bias, x.dtype))  # no grad, or a kept chunk
+            return stack[0].run(stack[1], self, x)
         row = self._row_scale()
         coef = self.scale if row is None else (row * self.scale)[:, None]
-        args = (base["weight"], base["bias"], coef, self._forward_mode != "bypass", self.op, *self.factors())
+        args = (weight, base["bias"], coef, self._forward_mode != "bypass", self.op, *self.factors())
         if not torch.is_grad_enabled():  # inference: the same math without autograd.Function's overhead
             return _LoHaFunction.forward(None, x, *args)
         return _LoHaFunction.apply(x, *args)
@@ -913,7 +527,7 @@ class LoHaLinear(LoHaLayer):
 
     @staticmethod
     def make_op(base_layer):
-        return _LinearOp()
+        return LinearOp()
 
 
 class LoHaConv2d(LoHaLayer):
@@ -927,7 +541,7 @@ class LoHaConv2d(LoHaLayer):
             raise LoHaError(f"LoHa on Conv2d needs groups=1 and numeric zero padding; this conv has "
                             f"groups={base_layer.groups}, padding={base_layer.padding!r}, "
                             f"padding_mode={base_layer.padding_mode!r}")
-        return _Conv2dOp(base_layer)
+        return Conv2dOp(base_layer)
 
 
 class DiffLayer(AdapterLayer):
@@ -970,116 +584,3 @@ def adapter_for(module: nn.Module) -> type[LoHaLayer] | None:
     return next((cls for base, cls in ADAPTER_TYPES.items() if isinstance(module, base)), None)
 
 
-class LoHaStack(nn.Module):
-    """The factors of L LoHa layers of one kind, shape, rank, layout and factor dtype, stacked (``loha.stack``
-    or ``loha.inject(stack=True)`` make them), with the two Hadamard halves side by side: ``hada_a``
-    (L, 2, out, r) holds every W1a and W2a, ``hada_b`` (L, 2, r, in·k) every W1b and W2b (Tucker: (L, 2, r, out),
-    (L, 2, r, in) and ``hada_t`` (L, 2, r, r, kh, kw)). The layers keep reading and writing their factors, as
-    views of their slice; ``parameters()``, optimizers, DDP and gradient clipping see two (three) tensors per
-    shape instead of four (six) per layer, and a grouped build makes both halves with one matmul."""
-
-    def __init__(self, layers: list[LoHaLayer]):
-        super().__init__()
-        needs = {f.requires_grad for m in layers for f in m.factors()}
-        if len(needs) != 1:
-            raise LoHaError("some of these adapters' factors are frozen and some are not; stack them with "
-                            "the same requires_grad")
-        trainable = needs.pop()
-        tucker = layers[0].use_tucker
-        with torch.no_grad():
-            # in file order (w1a, w1b, w2a, w2b, t1, t2): a pairs (w1a, w2a), b (w1b, w2b), t (t1, t2)
-            for name, (first, second) in zip(STACK_NAMES[:3 if tucker else 2], ((0, 2), (1, 3), (4, 5))):
-                stacked = torch.stack([torch.stack([m.factors()[first], m.factors()[second]]) for m in layers])
-                self.register_parameter(name, nn.Parameter(stacked, requires_grad=trainable))
-        self.__dict__["factor_names"] = layers[0].factor_names
-        self.__dict__["layers"] = list(layers)  # plain references: the layers live in the model's tree
-        self.__dict__["_build"] = None
-        self.__dict__["_reused"] = None
-        self.__dict__["_snapshot"] = None
-        for i, m in enumerate(layers):
-            for name in m.factor_names:
-                del m._parameters[name]
-            m.__dict__["_stack"] = (self, i)
-
-    def factors(self):
-        """The stacked Parameters: (hada_a, hada_b) or (hada_a, hada_b, hada_t)."""
-        p = self._parameters
-        return tuple(p[n] for n in STACK_NAMES if n in p)
-
-    def layer_factors(self, i, tensors=None):
-        """Layer ``i``'s factors in file order (w1a, w1b, w2a, w2b[, t1, t2]) as views of ``tensors``
-        (default: the stacked Parameters; their gradients give the layer's gradients)."""
-        a, b, *t = self.factors() if tensors is None else tensors
-        return (a[i, 0], b[i, 0], a[i, 1], b[i, 1], *((t[0][i, 0], t[0][i, 1]) if t else ()))
-
-    def reused_buffer(self, c, shape) -> torch.Tensor:
-        """An fp32 tensor of ``shape`` for chunk c's fused build: the one kept from an earlier step when free."""
-        if _use_count is None or REUSED_BYTES <= 0:
-            return torch.empty(shape, dtype=torch.float32)
-        reused = self.__dict__.get("_reused")  # absent in a stack pickled before the pool existed
-        if reused is None:
-            reused = self.__dict__["_reused"] = _Reused()
-        return reused.get(c, shape)
-
-    def snapshot(self):
-        """What a build depends on per layer, read once and kept until a layer differs from it: (base weights,
-        their versions, scales, train flags, whether each drops out, whether every weight is fp32).
-
-        Read at every build, it cost about 1.1 of the 3.1 ms a step the tiny UNet's 23 builds took to set up
-        (263 layers' dicts and weights, cold in cache mid-step; BENCHMARKS.md §2, lever 30). Each layer that
-        runs is checked against it (``_Build.accepts``: weight identity and version, scale, train flag),
-        ``build_for`` takes a new one when the layer that starts a build differs, and setting a layer's train
-        flag, scale or dropout rates (``LoHaLayer.__setattr__``), ``.to()`` and ``unstack`` drop it."""
-        snap = self.__dict__.get("_snapshot")  # absent in a stack pickled before it existed
-        if snap is None:
-            weights, versions, scales, training, dropping = [], [], [], [], []
-            for m in self.layers:  # read from the module dicts: nn.Module.__getattr__ costs ~0.5 µs a lookup
-                d = m.__dict__
-                w = d["_modules"]["base_layer"]._parameters["weight"]
-                weights.append(w)
-                versions.append(w._version)
-                scales.append(d["alpha"] / d["rank"] * d["multiplier"])  # LoHaLayer.scale
-                training.append(d["training"])
-                dropping.append(d["training"] and (d["rank_dropout"] > 0 or d["module_dropout"] > 0))
-            fp32 = all(w.dtype == torch.float32 for w in weights)
-            snap = self.__dict__["_snapshot"] = (weights, versions, scales, training, dropping, fp32)
-        return snap
-
-    def build_for(self, layer, slot, dtype, weight) -> _Build:
-        build = self.__dict__["_build"]
-        if build is None or not build.accepts(layer, slot, dtype, weight):
-            build = _Build(self, dtype)
-            if not build.accepts(layer, slot, dtype, weight):  # this layer changed since the snapshot
-                self.__dict__["_snapshot"] = None
-                build = _Build(self, dtype)
-            self.__dict__["_build"] = build
-        return build
-
-    def __getstate__(self):
-        # deepcopy/pickle: a build holds tensors of a live graph, never worth copying
-        return {**super().__getstate__(), "_build": None, "_reused": None, "_snapshot": None}
-
-    def _forget_builds(self):
-        self.__dict__["_build"] = None
-        self.__dict__["_reused"] = None
-        self.__dict__["_snapshot"] = None
-
-    def _apply(self, fn, recurse=True):
-        self._forget_builds()  # .to()/.half(): a build and buffers from before refer to the old tensors
-        return super()._apply(fn, recurse)
-
-    def unstack(self):
-        """Give every layer its own Parameters again (copies of its slice), and forget the layers."""
-        trainable = self.factors()[0].requires_grad
-        for m in self.layers:
-            params = [nn.Parameter(f.detach().clone(), requires_grad=trainable) for f in m.factors()]
-            m.__dict__["_stack"] = None
-            for name, param in zip(self.factor_names, params):
-                m.register_parameter(name, param)
-        self.__dict__["layers"] = []
-        self._forget_builds()
-
-    def extra_repr(self) -> str:
-        shape = tuple(self.layers[0].base_layer.weight.shape) if self.layers else ()
-        rank = self._parameters["hada_b"].shape[2]
-        return f"layers={len(self.layers)}, weight_shape={shape}, rank={rank}"

@@ -5,18 +5,23 @@
                    Wka (r, out), Wkb (r, in), Tk (r, r, kh, kw))
 
 Every matrix here is *flat*: a weight (out, in, kh, kw) is handled as (out, in·kh·kw), the layout
-LyCORIS's flattened conv factors use. Each function also takes a leading batch dimension (L layers of
+LyCORIS's flattened conv factors use. Each function also takes leading batch dimensions (L layers of
 one shape at once). ``coef`` is the per-output-row multiplier of ΔW: the scale, times the rank/module
 dropout mask when training; a float or a tensor broadcastable to (…, out, 1). With G = ∂L/∂(W + ΔW):
 
     ∂P1 = (coef·G) ⊙ P2      ∂P2 = (coef·G) ⊙ P1      ∂Wka = ∂Pk·Wkbᵀ      ∂Wkb = Wkaᵀ·∂Pk
+
+The Khatri-Rao form (what the grouped engine runs): with Pk = Ak·Bk, row i of P1 ⊙ P2 is
+Σ_kl A1[i,k]·A2[i,l]·(B1[k,:] ⊙ B2[l,:]), so ΔW = K·R with K = A1 ⊙row A2 (out, r²) and R = B1 ⊙col B2
+(r², in): W + ΔW is one GEMM with W as its addend, and neither P1 nor P2 is ever written. Backward needs
+only M = G·Rᵀ (out, r²) and N = Kᵀ·G (r², in):
+
+    ∂A1[i,k] = Σ_l M[i,kl]·A2[i,l]     ∂A2[i,l] = Σ_k M[i,kl]·A1[i,k]      (∂B from N likewise)
 """
 
 from __future__ import annotations
 
 import torch
-
-from . import native
 
 
 def half(wa, wb, t=None):
@@ -71,49 +76,64 @@ def factor_grads(g, factors, p1, p2, coef=1.0):
     return grads if t1 is None else (*grads, first[2], second[2])
 
 
-def swapped(a, b, t=None):
-    """Paired factors (the stacked storage: index 0 of dim -3 is half 1, index 1 half 2; of dim -5 for Tucker
-    cores) with the halves exchanged: ``half`` of them gives (P2, P1), which builds the same W + ΔW (the
-    product is symmetric) and is what ``pair_grads`` multiplies G by. Copies of the small factors only."""
-    return (a.flip(-3), b.flip(-3)) if t is None else (a.flip(-3), b.flip(-3), t.flip(-5))
+# ------------------------------------------------------------------------------ the Khatri-Rao form
+def matrices(a, b, t=None):
+    """Paired factors (stacked storage: dim -3 is the half, 0 or 1; dim -5 for Tucker cores) as the matrices
+    (A, B) with Pk = Ak·Bk: A (…, 2, out, r), B (…, 2, r, in·k). Tucker: A = Wkaᵀ, Bk = Tk contracted with Wkb."""
+    if t is None:
+        return a, b
+    right = torch.einsum("...ijhw,...jc->...ichw", t, b)
+    return a.transpose(-1, -2), right.flatten(-3)
 
 
-def pair_grads(g, p_swapped, a, b, t=None, coef=1.0):
-    """The gradients of paired halves from G; ``p_swapped`` = (P2, P1) stacked on dim -3 (``half`` of
-    ``swapped`` factors), overwritten: ∂P = coef·G ⊙ (P2, P1) in one in-place multiply, so one matmul serves
-    both halves. Returns (∂A, ∂B) or (∂A, ∂B, ∂T)."""
+def matrices_grads(da, db, a, b, t=None):
+    """(∂a, ∂b) or (∂a, ∂b, ∂t) from the gradients of ``matrices``' A and B."""
+    if t is None:
+        return da, db
+    db = db.unflatten(-1, (b.shape[-1], *t.shape[-2:]))  # (…, r, in, kh, kw)
+    return (da.transpose(-1, -2), torch.einsum("...ijhw,...ichw->...jc", t, db),
+            torch.einsum("...ichw,...jc->...ijhw", db, b))
+
+
+def khatri_rao(a, b, coef=1.0):
+    """(K, R) with ΔW = K·R, from paired matrices A (…, 2, out, r), B (…, 2, r, in): K (…, out, r²) is
+    coef·(A1 ⊙row A2), R (…, r², in) is B1 ⊙col B2, in the matrices' dtype."""
+    k = (a[..., 0, :, :, None] * a[..., 1, :, None, :]).flatten(-2)
+    if isinstance(coef, torch.Tensor):
+        k = k * coef
+    elif coef != 1.0:
+        k = k * coef
+    return k, (b[..., 0, :, None, :] * b[..., 1, None, :, :]).flatten(-3, -2)
+
+
+def build(weights, k, r):
+    """W + K·R for stacked weights (n, out, in·k), in their dtype: written into ``weights`` (a scratch stack)."""
+    return weights.baddbmm_(k, r)
+
+
+def khatri_rao_mn(g, k, r):
+    """(M, N) = (G·Rᵀ, Kᵀ·G): ∂L/∂K and ∂L/∂R from G (…, out, in), batched or for one layer."""
+    return torch.matmul(g, r.transpose(-1, -2)), torch.matmul(k.transpose(-1, -2), g)
+
+
+def khatri_rao_grads(m, n, a, b, coef=1.0, dtype=torch.float32):
+    """(∂A, ∂B) in ``dtype`` from (M, N) (``khatri_rao_mn``; n layers, (n, out, r²) and (n, r², in)) for the
+    paired matrices A (n, 2, out, r), B (n, 2, r, in) whose ``khatri_rao`` took ``coef``. Sums over r on
+    tensors of r² × (out or in) per layer."""
     if isinstance(coef, torch.Tensor) or coef != 1.0:
-        g = g * coef
-    dp = p_swapped.mul_(g.unsqueeze(-3))
-    if t is not None:
-        return half_grads(dp, a, b, t)
-    # ∂A as (B·∂Pᵀ)ᵀ: the same product as half_grads', 2-3× faster on CPU (MKL). Its transposed layout costs
-    # one copy per stack when autograd accumulates it; per layer (factor_grads) it would cost two per layer.
-    return torch.matmul(b, dp.transpose(-1, -2)).transpose(-1, -2), torch.matmul(a.transpose(-1, -2), dp)
-
-
-def fused(a, b, t=None) -> bool:
-    """Whether ``fused_weights`` / ``fused_grads`` serve these stacked factors (n, 2, out, r) / (n, 2, r, in):
-    fp32 on CPU without a Tucker core, where the compiled kernels (``loha/native.cpp``) are available."""
-    return t is None and native.serves(a, b)
-
-
-def fused_weights(weights, a, b, coef=1.0, out=None):
-    """W + coef·P1⊙P2 per layer, stacked (n, out, in·k), from n fp32 weights (any shape, read flat):
-    ``add_delta`` of ``half``, computed in one pass that never writes the pair (``fused`` says where).
-    ``coef`` as in ``pair_grads``; ``out``: a contiguous fp32 (n, out, in·k) tensor to write it into."""
-    return native.build(weights, a, b, coef, out)
-
-
-def fused_grads(gs, a, b, coef=1.0):
-    """(∂A, ∂B) of paired factors from each layer's G (n tensors shaped like the weights, read flat; None
-    for zero): ``pair_grads`` with the pair recomputed in registers instead of read from memory."""
-    return native.grads(gs, a, b, coef)
+        m = m * coef  # K carries coef, so ∂(A1 ⊙row A2) = coef·∂K
+    m = m.unflatten(-1, (a.shape[-1], a.shape[-1]))  # (n, out, k, l)
+    n = n.unflatten(-2, (b.shape[-2], b.shape[-2]))  # (n, k, l, in)
+    a1, a2, b1, b2 = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    da = torch.stack([(m * a2[:, :, None, :]).sum(-1, dtype=dtype), (m * a1[:, :, :, None]).sum(-2, dtype=dtype)], 1)
+    db = torch.stack([(n * b2[:, None, :, :]).sum(2, dtype=dtype), (n * b1[:, :, None, :]).sum(1, dtype=dtype)], 1)
+    return da, db
 
 
 def wide(t):
-    """t in fp32, or as it is when already fp32/fp64: the precision merges, DoRA and fits are computed in."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    """t in fp32, or as it is when already fp32/fp64: the precision merges, DoRA and fits are computed in (16-bit
+    and fp8 storage are widened)."""
+    return t.float() if t.is_floating_point() and t.dtype.itemsize < 4 else t
 
 
 def dora(merged, dora_scale, weight, multiplier=1.0):

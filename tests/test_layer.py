@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import loha
-from loha.layer import _Conv2dOp, _LinearOp, _LoHaFunction
+from loha.layer import Conv2dOp, LinearOp, _LoHaFunction
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MODES = ["grouped", "merged", "bypass"]
@@ -84,7 +84,7 @@ def test_gradcheck_float64(kind, merged, bias, row_scale):
     make, options, shape = KINDS[kind]
     torch.manual_seed(1)
     base = make().double()
-    op = _Conv2dOp(base) if isinstance(base, nn.Conv2d) else _LinearOp()
+    op = Conv2dOp(base) if isinstance(base, nn.Conv2d) else LinearOp()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     w = base.weight.detach().clone().requires_grad_()
     b = base.bias.detach().clone().requires_grad_() if bias else None
