@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -248,8 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where losses and samples are logged")
     g.add_argument("--logging_dir", default="logs",
                    help="log folder, relative to --output_dir; each run writes its own run-<time> subfolder")
-    p.add_argument("--debug_nonfinite_steps", default="", help=argparse.SUPPRESS)  # fault tests: "3,4" poisons those
-    p.add_argument("--debug_signal_at_step", default="", help=argparse.SUPPRESS)  # fault tests: "3:INT" signals self
     return p
 
 
@@ -320,16 +317,6 @@ def check_args(args):
              f"--output_dir {args.output_dir} {'is' if out == src else 'overlaps'} the training data folder {data}: "
              "its model card, samples and checkpoints would land among the training images; choose a folder "
              "outside it")
-    try:
-        if isinstance(args.debug_nonfinite_steps, str):  # (check_args runs again on a resume's adopted flags)
-            args.debug_nonfinite_steps = {int(s) for s in args.debug_nonfinite_steps.split(",") if s.strip()}
-        if isinstance(args.debug_signal_at_step, str):
-            step, _, names = args.debug_signal_at_step.partition(":")
-            signals = [getattr(signal, "SIG" + n) for n in names.split(",")] if step else None
-            args.debug_signal_at_step = (int(step), signals) if step else None
-    except (ValueError, AttributeError):
-        raise LoHaError("--debug_nonfinite_steps takes comma-separated step numbers, --debug_signal_at_step "
-                        "N:INT[,TERM...]") from None
     if args.cache_text_embeddings is None:
         args.cache_text_embeddings = not args.train_text_encoder
     if args.feature_cache_dir is None:
@@ -821,8 +808,7 @@ RESUME_ADJUSTABLE = {
     "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
     "validation_steps", "num_validation_inference_steps", "report_to", "logging_dir", "output_name",
     "kohya_naming"}
-NOT_RECORDED = {"resume_from_checkpoint", "output_dir", "demo", "demo_model_dir", "cache_dir",
-                "debug_nonfinite_steps", "debug_signal_at_step"}
+NOT_RECORDED = {"resume_from_checkpoint", "output_dir", "demo", "demo_model_dir", "cache_dir", "dry_run"}
 RUN_ARGS = "run_args.json"  # the run's flags, in every checkpoint: what a resume is checked against
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -830,7 +816,7 @@ CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 def settings(args) -> dict:
     """The run's flags as recorded (JSON), with the flag changes made on resumes."""
     out = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()
-           if k not in ("debug_nonfinite_steps", "debug_signal_at_step", "run_logging_dir", "flag_history")}
+           if k not in ("run_logging_dir", "flag_history")}
     out["flag_history"] = getattr(args, "flag_history", [])
     return out
 
@@ -1020,9 +1006,6 @@ def train(run: Run, args):
                 save_checkpoint(run, args)  # never during a NaN/Inf streak: the last good one stays latest
             if run.global_step % args.validation_steps == 0:
                 validate(run, args)
-            if args.debug_signal_at_step and args.debug_signal_at_step[0] == run.global_step:
-                for sig in args.debug_signal_at_step[1]:  # fault tests: a Ctrl-C (or two) arrives here
-                    os.kill(os.getpid(), sig)
             if stop_requested(run, stop):
                 bar.close()
                 if run.last_checkpoint is None or run.last_checkpoint.name != f"checkpoint-{run.global_step}":
@@ -1088,8 +1071,6 @@ def train_one_update(run: Run, args, batches: list[dict]) -> tuple[bool, float]:
                 for model in run.trained.values():
                     stack.enter_context(accelerator.no_sync(model))
             loss = training_loss(run, args, batch)
-            if run.global_step + 1 in args.debug_nonfinite_steps:
-                loss = loss * float("nan")
             finite = finite and bool(accelerator.gather(torch.isfinite(loss.detach()).float()[None]).all())
             if finite:
                 accelerator.backward(loss / len(batches))

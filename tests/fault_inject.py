@@ -12,6 +12,9 @@ output dir is counted, and the fault fires just before the n-th one whose path c
     enospc:<substring>:<n>    raise OSError(ENOSPC), as a full disk does at a Python write
     killstep:<n>              SIGKILL inside the n-th optimizer step (after backward)
     infloss:<n>               the n-th call of F.mse_loss (the n-th batch's loss) returns +inf
+    nanloss:<n>[,<n>...]      the n-th batch's training loss (train_loha_sdxl.training_loss) is NaN
+
+In-process tests use ``poisoned_losses`` and ``signals_after_update`` the same way, through monkeypatch.
 
 With a trace file, each event is appended as a JSON line, and after every optimizer update a digest of
 the trainable parameters and the optimizer state.
@@ -120,6 +123,12 @@ def install(fault: str, trace_file: str | None, output_dir: str):
 
         F.mse_loss = mse_loss
 
+    if fault.startswith("nanloss:"):
+        import train_loha_sdxl
+
+        train_loha_sdxl.training_loss = poisoned_losses(train_loha_sdxl.training_loss,
+                                                        {int(n) for n in fault.split(":")[1].split(",")})
+
     if fault.startswith("killstep:"):
         original_step, steps, target = torch.optim.AdamW.step, [0], int(fault.split(":")[1])
 
@@ -130,6 +139,34 @@ def install(fault: str, trace_file: str | None, output_dir: str):
             return original_step(self, *args, **kwargs)
 
         torch.optim.AdamW.step = step
+
+
+def poisoned_losses(training_loss, calls: set[int]):
+    """``training_loss`` whose n-th call (1-based; with no accumulation, update n's batch) returns NaN."""
+    count = [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        loss = training_loss(*args, **kwargs)
+        return loss * float("nan") if count[0] in calls else loss
+
+    return wrapped
+
+
+def signals_after_update(train_one_update, update: int, signals: list):
+    """``train_one_update`` that sends this process ``signals`` right after its ``update``-th call: a Ctrl-C (or
+    two) arriving during that step."""
+    count = [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        result = train_one_update(*args, **kwargs)
+        if count[0] == update:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return result
+
+    return wrapped
 
 
 def digest(optimizer) -> str:

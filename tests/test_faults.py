@@ -432,14 +432,13 @@ def test_disk_full_on_a_real_small_filesystem(train_env, reference, tmp_path, st
 # ----------------------------------------------------------------------------------- non-finite loss
 @pytest.mark.parametrize("precision, poison", [("bf16", "NaN"), ("fp16", "Inf")])
 def test_one_nonfinite_batch_is_skipped_cleanly(train_env, tmp_path, precision, poison):
-    """Update 2's loss is NaN (the script's --debug_nonfinite_steps) or +Inf (fault_inject makes the 2nd
+    """Update 2's loss is NaN (fault_inject's nanloss) or +Inf (fault_inject makes the 2nd
     batch's mse_loss infinite): the update is skipped, the parameters and optimizer state after it equal
     the state before it (as if that batch never existed), training goes on, and the skip is warned about
     and counted."""
     out = tmp_path / "out"
     if poison == "NaN":
-        run = run_training(train_env, out, "--mixed_precision", precision, "--debug_nonfinite_steps", "2",
-                           steps=3, every=1)
+        run = run_training(train_env, out, "--mixed_precision", precision, fault="nanloss:2", steps=3, every=1)
     else:
         run = run_training(train_env, out, "--mixed_precision", precision, fault="infloss:2", steps=3, every=1)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -459,8 +458,7 @@ def test_one_nonfinite_batch_is_skipped_cleanly(train_env, tmp_path, precision, 
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_five_nonfinite_updates_in_a_row_stop_the_run(train_env, tmp_path, precision):
     out = tmp_path / "out"
-    run = run_training(train_env, out, "--mixed_precision", precision, "--debug_nonfinite_steps", "2,3,4,5,6",
-                       steps=8, every=1)
+    run = run_training(train_env, out, "--mixed_precision", precision, fault="nanloss:2,3,4,5,6", steps=8, every=1)
     line = run.error_line()
     assert run.returncode != 0 and "5 updates in a row" in line and "checkpoint-1" in line, line
     d = run.digests()

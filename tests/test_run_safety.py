@@ -20,6 +20,7 @@ from reliability import record
 
 import loha.runs
 import train_loha_sdxl as T
+from tests.fault_inject import signals_after_update
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "data"
@@ -245,7 +246,9 @@ def test_first_signal_checkpoints_the_step_and_resume_is_bitwise(tiny_pipeline_d
                                                                  name, status):
     out = tmp_path / "out"
     argv = argv_for(tiny_pipeline_dir, out, finished[1])
-    assert T.main([*argv, "--debug_signal_at_step", f"3:{name}"]) == status
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "train_one_update", signals_after_update(T.train_one_update, 3, [getattr(signal, f"SIG{name}")]))
+        assert T.main(argv) == status
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"error: SIG{name} at step 3: saved {out / 'checkpoint-3'}; resume with "
                        "--resume_from_checkpoint latest"), err[-3:]
@@ -259,7 +262,9 @@ def test_first_signal_checkpoints_the_step_and_resume_is_bitwise(tiny_pipeline_d
 
 def test_a_second_signal_stops_at_once(tiny_pipeline_dir, finished, tmp_path, capsys):
     out = tmp_path / "out"
-    assert T.main([*argv_for(tiny_pipeline_dir, out, finished[1]), "--debug_signal_at_step", "3:INT,INT"]) == 130
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "train_one_update", signals_after_update(T.train_one_update, 3, [signal.SIGINT] * 2))
+        assert T.main(argv_for(tiny_pipeline_dir, out, finished[1])) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: SIGINT again: stopped at once; the last checkpoint is {out / 'checkpoint-2'}"
     assert not (out / "checkpoint-3").exists() and not [p for p in out.iterdir() if ".tmp-" in p.name]

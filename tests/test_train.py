@@ -574,15 +574,19 @@ def test_unwritable_output_and_missing_resume(tiny_pipeline_dir, tmp_path, capsy
     fails_with(capsys, base_args(tmp_path / "no-model", tmp_path / "o", tmp_path / "c"), "cannot load the model")
 
 
-def test_nonfinite_loss_skips_then_stops_keeping_last_checkpoint(tiny_pipeline_dir, tmp_path, capsys):
-    out = train(tiny_pipeline_dir, tmp_path, "--debug_nonfinite_steps", "2", name="one", steps=3)
+def test_nonfinite_loss_skips_then_stops_keeping_last_checkpoint(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    from tests.fault_inject import poisoned_losses
+
+    original = T.training_loss
+    monkeypatch.setattr(T, "training_loss", poisoned_losses(original, {2}))
+    out = train(tiny_pipeline_dir, tmp_path, name="one", steps=3)
     captured = capsys.readouterr()
     assert "step 2: loss is NaN/Inf; update skipped (1 so far)" in captured.err
     assert "1 updates were skipped" in captured.out
     assert all(torch.isfinite(t).all() for t in adapter_weights(out / "unet").values())
 
-    argv = base_args(tiny_pipeline_dir, tmp_path / "five", tmp_path / "c", "--checkpointing_steps", "1",
-                     "--debug_nonfinite_steps", "2,3,4,5,6", steps=8)
+    monkeypatch.setattr(T, "training_loss", poisoned_losses(original, {2, 3, 4, 5, 6}))
+    argv = base_args(tiny_pipeline_dir, tmp_path / "five", tmp_path / "c", "--checkpointing_steps", "1", steps=8)
     last = fails_with(capsys, argv, "NaN/Inf for 5 updates in a row", "checkpoint-1")
     five = tmp_path / "five"
     # Updates 2-6 were skipped; no checkpoint was written during the streak and nothing final was written.
