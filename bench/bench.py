@@ -20,7 +20,7 @@ One process, one device, one loop for every variant:
     python bench/bench.py --model tiny --device cpu --threads 1 --rounds 20 --steps 5 --json bench-cpu.json
     python bench/bench.py --model sdxl --device cuda --dtype bf16 --resolution 1024 --batch_size 1 \
         --steps 8 --warmup 3 --json sdxl-bs1.json
-    python bench/bench.py --count --model sdxl --dtype bf16 --resolution 1024   # exact ops and bytes, no memory
+    python bench/bench.py --count --model sdxl --dtype bf16 --resolution 1024   # exact ops, bytes and peak
 
 A training step is forward + backward + AdamW (fused, the same settings for every variant). Adapter
 factors are fp32 for every variant (diffusers' ``cast_training_params`` convention); with ``--dtype
@@ -28,10 +28,10 @@ bf16`` the base is bf16 and the forward runs under bf16 autocast, as accelerate'
 Every variant gets a fresh UNet with the same seeded weights. ``--preset full`` adapts LyCORIS's full
 preset (attention, MLPs, resnet convs, samplers, embeddings) in every variant.
 
-``--count`` runs one steady-state step per variant under a ``TorchDispatchMode`` and counts every aten op
-dispatched, per phase (forward, backward, optimizer), split into launched ops and views/metadata (which
-launch no kernel), plus the optimizer's tensor count and the bytes saved for backward. With ``--model
-sdxl`` it runs under ``FakeTensorMode``: the full SDXL UNet at any resolution costs no memory.
+``--count`` (bench/count.py) runs one steady-state step per variant and counts, by a GPU's rules (CUDA's
+autocast policy, flash attention): every aten op dispatched, per phase, launched or not, the bytes the
+launched ones move, the bytes saved for backward, and the step's peak memory with its split. With
+``--model sdxl`` it runs on fake tensors: the full SDXL UNet at any resolution costs no memory.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -58,13 +57,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import loha  # noqa: E402
+from loha import internals  # noqa: E402
 from loha.tiny_sdxl import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_unet  # noqa: E402
 
 VARIANTS = ("floor", "loha-grouped", "loha-merged", "loha-bypass", "peft-loha", "lycoris-loha", "peft-lora")
 ON_REQUEST = ("python-floor", "grad-floor")  # not in the default set: a reference point, not an implementation
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = list(loha.DEFAULT_TARGETS)  # the attention linears (bench/quality.py uses them too)
-TOP_OPS = 12  # the most frequent (phase, op) pairs kept per variant in --count JSON
 
 
 class BenchError(Exception):
@@ -168,14 +167,19 @@ def _python_floor(unet: nn.Module, targets: list[str]):
     return [token], targets
 
 
-def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"):
-    """Put adapter ``name`` on the modules ``preset`` selects (every variant the same set, convs at the same
-    rank). Returns (trainable params, extras)."""
+def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only", *, conv_rank=None,
+                lora_rank=None, peft_init=True):
+    """Put adapter ``name`` on the modules ``preset`` selects (every variant the same set; convs larger than
+    1×1 at ``conv_rank``, default ``rank``; PEFT LoRA at ``lora_rank``, default 2·rank, the same parameter
+    count, and twice the conv rank). Returns (trainable params, extras)."""
     extras = {}
     unet.requires_grad_(False)
     if name == "floor":
         return [], extras
     targets = loha.preset_targets(unet, preset)
+    conv_rank = conv_rank or rank
+    modules = dict(unet.named_modules())
+    wide = [p for p in targets if isinstance(modules[p], nn.Conv2d) and modules[p].kernel_size != (1, 1)]
     if name == "python-floor":
         params, extras["adapted"] = _python_floor(unet, targets)
     elif name == "grad-floor":
@@ -185,16 +189,22 @@ def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"
         return params, extras  # the base weights as they are: no fp32 copy, no optimizer
     elif name.startswith("loha-"):
         mode = name.split("-")[1]
-        loha.inject(unet, rank=rank, alpha=rank, preset=preset, forward_mode=mode, stack=mode == "grouped")
+        loha.inject(unet, rank=rank, alpha=rank, preset=preset, conv_rank=conv_rank, conv_alpha=conv_rank,
+                    forward_mode=mode, stack=mode == "grouped")
         params = loha.trainable_parameters(unet)
         extras["adapted"] = sorted(loha.adapter_modules(unet))
     elif name in ("peft-loha", "peft-lora"):
         from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
 
+        exact = lambda r: {f"^{p}$": r for p in wide}  # noqa: E731 - convs larger than 1×1 by full path
         if name == "peft-loha":
-            config = LoHaConfig(r=rank, alpha=rank, target_modules=targets)
+            config = LoHaConfig(r=rank, alpha=rank, target_modules=targets, rank_pattern=exact(conv_rank),
+                                alpha_pattern=exact(conv_rank), init_weights=peft_init)
         else:
-            config = LoraConfig(r=2 * rank, lora_alpha=2 * rank, target_modules=targets)
+            lora = lora_rank or 2 * rank
+            lora_conv = lora * conv_rank // rank
+            config = LoraConfig(r=lora, lora_alpha=lora, target_modules=targets, rank_pattern=exact(lora_conv),
+                                alpha_pattern=exact(lora_conv))
         inject_adapter_in_model(config, unet)  # called directly: PeftModel.forward wants transformers' args
         params = [p for p in unet.parameters() if p.requires_grad]
         extras["adapted"] = sorted({n.split(".hada_")[0].split(".lora_")[0]
@@ -213,13 +223,11 @@ def add_adapter(name: str, unet: nn.Module, rank: int, preset: str = "attn-only"
             rules = {"target_module": PRESET[preset]["unet_target_module"],
                      "target_name": PRESET[preset]["unet_target_name"], "enable_conv": PRESET[preset]["enable_conv"]}
         LycorisNetwork.apply_preset(rules)
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         # its conv modules call .item() on a shape, which a fake tensor cannot: built real then (and then
         # not countable under FakeTensorMode, SDXL size); without convs it is built fake like the others
-        with unset_fake_temporarily() if rules["enable_conv"] else contextlib.nullcontext():
-            network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, conv_lora_dim=rank,
-                                     conv_alpha=rank, network_module="loha")
+        with internals.unset_fake_temporarily() if rules["enable_conv"] else contextlib.nullcontext():
+            network = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, alpha=rank, conv_lora_dim=conv_rank,
+                                     conv_alpha=conv_rank, network_module="loha")
         network.apply_to()
         device = next(unet.parameters()).device
         network.to(device)  # factors stay fp32, as for the other variants
@@ -395,26 +403,12 @@ def saved_for_backward_bytes(v: Variant, inputs: dict, device, dtype) -> int:
     """Bytes of the tensors autograd keeps for backward in one training step, beyond the model's own
     parameters (counted once per storage). Exact and noise-free, on every device: this is where an
     adapter that saves an out×in ΔW per layer shows."""
-    pack, saved = _saved_counter(v.unet)
+    from count import saved_counter
+
+    pack, saved = saved_counter(v.unet)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_step(v, inputs, device, dtype)
     return sum(saved.values())
-
-
-def _saved_counter(model: nn.Module):
-    """A saved-tensors pack hook that records each saved storage's bytes once (keyed by the storage itself,
-    which fake tensors have too), the model's parameters excluded; and the {storage: bytes} it fills."""
-    resident = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in resident:
-            saved[storage._cdata] = storage.nbytes()
-        return t
-
-    pack.loha_unpack_twice = True  # a plain counter: loha's input recipes stay on, as in a run without hooks
-    return pack, saved
 
 
 def build_variant(name, args, device, dtype) -> Variant:
@@ -422,7 +416,7 @@ def build_variant(name, args, device, dtype) -> Variant:
     unet = build_unet(args.model, device, dtype, args.seed)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params, extras = add_adapter(name, unet, args.rank, args.preset)
+    params, extras = add_adapter(name, unet, args.rank, args.preset, conv_rank=args.conv_rank)
     unet.train()
     if args.compile:
         unet = torch.compile(unet)
@@ -504,216 +498,6 @@ def measure(args, on_variant=None) -> dict:
         for v in built:
             finish(v)
     return report()
-
-
-# ---------------------------------------------------------------------------------------------
-# exact counts: dispatched ops per phase and bytes saved for backward (noise-free, any device)
-# ---------------------------------------------------------------------------------------------
-# Ops that launch no kernel: views (they only make a new tensor header), allocations without a fill,
-# and shape/device queries. Everything else that reaches the dispatcher is a kernel launch on a GPU.
-NON_LAUNCHING = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
-                 "aten.new_empty.default", "aten.new_empty_strided.default", "aten.detach.default",
-                 "aten.lift_fresh.default", "aten._unsafe_view.default", "aten.alias.default",
-                 "aten.set_.source_Storage_storage_offset", "aten.resize_.default", "prim.device.default",
-                 "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
-                 "aten.sym_storage_offset.default",
-                 "aten.is_same_size.default", "aten._has_compatible_shallow_copy_type.default"}
-PHASES = ("forward", "backward", "optimizer")
-
-
-def launches(func) -> bool:
-    name = str(func)
-    return not (getattr(func, "is_view", False) or name in NON_LAUNCHING or name.startswith("prim."))
-
-
-def distinct_bytes(t: torch.Tensor) -> int:
-    """The bytes of t's distinct elements: an expanded (stride-0) dimension is read once, not per index."""
-    n = t.element_size()
-    for size, stride in zip(t.shape, t.stride()):
-        n *= size if stride else min(size, 1)
-    return n
-
-
-def moved_bytes(args, out) -> int:
-    """What a launched op reads and writes if nothing stays in cache between ops: the distinct bytes of its
-    tensor arguments (lists included) and of its outputs. An in-place op's output is its input, so that
-    tensor counts twice, once read and once written. A floor for the op's own memory traffic."""
-    tensors = [t for t in torch.utils._pytree.tree_leaves((args, out)) if isinstance(t, torch.Tensor)]
-    return sum(distinct_bytes(t) for t in tensors)
-
-
-def _op_counter():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        """Counts every aten op dispatched under it, by phase, launched or not (and by op, for reading),
-        and the bytes the launched ones move (``moved_bytes``)."""
-
-        def __init__(self):
-            super().__init__()
-            self.phase = "forward"
-            self.counts = {ph: {"launched": 0, "other": 0, "moved_bytes": 0} for ph in PHASES}
-            self.by_op = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "prim":  # device/shape queries FakeTensorMode routes through the dispatcher
-                return func(*args, **(kwargs or {}))
-            kind = "launched" if launches(func) else "other"
-            self.counts[self.phase][kind] += 1
-            out = func(*args, **(kwargs or {}))
-            if kind == "launched":
-                key = (self.phase, str(func))
-                self.by_op[key] = self.by_op.get(key, 0) + 1
-                self.counts[self.phase]["moved_bytes"] += moved_bytes((args, kwargs), out)
-            return out
-
-    return Counter()
-
-
-@contextlib.contextmanager
-def _python_scalar_draws(tally: list):
-    """PEFT decides module dropout with ``torch.rand(1) > p`` and a Python ``if``: a FakeTensor has no value
-    for that. Inside this context a one-element draw returns a Python float, and ``tally`` counts the draws:
-    on real tensors each is three launched ops (rand, gt, and the item() sync; the tiny-UNet count on
-    real tensors shows them), which count_variant adds back to the forward's launched ops."""
-    original = torch.rand
-
-    def rand(*size, **kwargs):
-        if size in ((1,), ((1,),)):
-            tally.append(1)
-            return random.random()  # a value PEFT can branch on; FakeTensorMode has none
-        return original(*size, **kwargs)
-
-    torch.rand = rand
-    try:
-        yield
-    finally:
-        torch.rand = original
-
-
-@contextlib.contextmanager
-def _fake_friendly_moves():
-    """PEFT and LyCORIS call ``module.to(device[, dtype])`` on modules already there; on FakeTensor
-    parameters that goes through ``swap_tensors``, which a fake tensor's weak references forbid. Here a
-    move to the CPU, where everything under our FakeTensorMode already is, only changes the dtype, in place."""
-    original = nn.Module.to
-
-    def to(self, *args, **kwargs):
-        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
-        if device is not None and device.type != "cpu":
-            return original(self, *args, **kwargs)
-        if dtype is not None:  # a dtype change in place of the swap (.data keeps the Parameter object)
-            for t in (*self.parameters(), *self.buffers()):
-                if t.is_floating_point():
-                    t.data = t.data.to(dtype)
-        return self
-
-    nn.Module.to = to
-    try:
-        yield
-    finally:
-        nn.Module.to = original
-
-
-def count_variant(name: str, args, device, dtype, fake) -> dict:
-    """One steady-state training step of ``name`` (a first, uncounted step creates AdamW's state), counted."""
-    torch.manual_seed(args.seed)
-    unet = build_unet(args.model, device, dtype, args.seed, fake)
-    with fake or contextlib.nullcontext(), _fake_friendly_moves() if fake else contextlib.nullcontext():
-        return _count_steady_step(name, unet, args, device, dtype, fake)
-
-
-def _count_steady_step(name, unet, args, device, dtype, fake) -> dict:
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params, extras = add_adapter(name, unet, args.rank, args.preset)
-    unet.train()
-    v = Variant(name, unet, params, make_optimizer(params, "fused", extras), extras)
-    inputs = make_inputs(args.model, args.batch_size, args.resolution, device, dtype, args.seed)
-    draws = []
-    scalar_draws = _python_scalar_draws(draws) if fake is not None and name.startswith("peft") \
-        else contextlib.nullcontext()
-    with scalar_draws:
-        train_step(v, inputs, device, dtype)
-        draws.clear()
-        counter = _op_counter()
-        pack, saved = _saved_counter(v.unet)
-        sample = inputs["sample"].detach().requires_grad_(name == "floor")
-        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with autocast(device, dtype):
-                out = v.unet(sample, inputs["timestep"], inputs["encoder_hidden_states"],
-                             added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
-            loss = torch.nn.functional.mse_loss(out.float(), inputs["target"].float())
-            counter.counts["forward"]["launched"] += 3 * len(draws)  # see _python_scalar_draws
-            counter.phase = "backward"
-            loss.backward()
-            counter.phase = "optimizer"
-            if v.optimizer is not None:
-                v.optimizer.step()
-                v.optimizer.zero_grad(set_to_none=True)
-    return {"adapted": len(extras.get("adapted", [])), "optimizer_tensors": 0 if v.optimizer is None else len(params),
-            "params": sum(p.numel() for p in params), "ops": counter.counts,
-            "saved_for_backward_bytes": sum(saved.values()),
-            "top_ops": sorted(([ph, op, n] for (ph, op), n in counter.by_op.items()), key=lambda r: -r[2])[:TOP_OPS]}
-
-
-def count_all(args) -> dict:
-    """Exact counts for every variant. ``--model sdxl`` runs under FakeTensorMode (no memory)."""
-    device, dtype = torch.device("cpu"), DTYPES[args.dtype]
-    fake = None
-    results = {}
-    if args.model == "sdxl":
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        fake = FakeTensorMode(allow_non_fake_inputs=True)
-    for name in args.variants:
-        if fake is not None and name == "lycoris-loha" and loha.PRESETS[args.preset].conv:
-            # its conv modules call .item() on a shape, which a fake tensor cannot answer
-            print("skipped lycoris-loha: its conv modules cannot be built under FakeTensorMode; count it with "
-                  "--model tiny", file=sys.stderr, flush=True)
-            continue
-        results[name] = count_variant(name, args, device, dtype, fake)
-        print(f"counted {name}: {sum(c['launched'] + c['other'] for c in results[name]['ops'].values())} ops",
-              file=sys.stderr, flush=True)
-    for r in results.values():
-        r["launched"] = sum(r["ops"][ph]["launched"] for ph in PHASES)
-        r["all"] = r["launched"] + sum(r["ops"][ph]["other"] for ph in PHASES)
-        r["moved_bytes"] = sum(r["ops"][ph]["moved_bytes"] for ph in PHASES)
-    floor = results.get("floor")
-    for r in results.values():
-        if floor is not None and r["adapted"]:
-            r["extra_launched_per_layer"] = (r["launched"] - floor["launched"]) / r["adapted"]
-            r["extra_all_per_layer"] = (r["all"] - floor["all"]) / r["adapted"]
-            r["saved_over_floor_bytes"] = r["saved_for_backward_bytes"] - floor["saved_for_backward_bytes"]
-            r["moved_over_floor_bytes"] = r["moved_bytes"] - floor["moved_bytes"]
-    return {"config": run_config(args), "environment": environment(device), "counts": results,
-            "chunk_elements": loha.layer.CHUNK_ELEMENTS, "kept_bytes": loha.layer.KEPT_BYTES}
-
-
-def count_table(report: dict) -> str:
-    cfg, counts = report["config"], report["counts"]
-    lines = [f"{cfg['model']} UNet, {cfg['dtype']}, batch {cfg['batch_size']}, {cfg['resolution']}², rank "
-             f"{cfg['rank']}, preset {cfg['preset']}, fused AdamW, one steady-state step"
-             + (" under FakeTensorMode" if cfg["model"] == "sdxl" else "")
-             + f", grouped chunks of {report['chunk_elements']:,} elements (twice that with a 16-bit pair), up to "
-             f"{report.get('kept_bytes', 0) / 2**20:g} MiB of them kept for backward; "
-             f"{report['environment']['date_utc']}; "
-             f"torch {report['environment']['torch']}", "",
-             "| variant | adapted | forward ops: launched · other | backward | optimizer "
-             "| extra ops per adapted layer: "
-             "all · launched | saved for backward MiB | vs floor MiB | optimizer tensors "
-             "| moved GB (launched ops) | vs floor GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in counts.items():
-        ph = [f"{r['ops'][p]['launched']} · {r['ops'][p]['other']}" for p in PHASES]
-        extra = (f"{r['extra_all_per_layer']:.1f} · {r['extra_launched_per_layer']:.2f}"
-                 if "extra_launched_per_layer" in r else "")
-        over = f"{r['saved_over_floor_bytes'] / 2**20:+.1f}" if "saved_over_floor_bytes" in r else ""
-        moved = f"{r['moved_over_floor_bytes'] / 1e9:+.3g}" if "moved_over_floor_bytes" in r else ""
-        lines.append(f"| {name} | {r['adapted']} | {' | '.join(ph)} | {extra} | "
-                     f"{r['saved_for_backward_bytes'] / 2**20:.1f} | {over} | {r['optimizer_tensors']} | "
-                     f"{r['moved_bytes'] / 1e9:.3g} | {moved} |")
-    return "\n".join(lines) + "\n"
 
 
 def add_ratios(results: dict):
@@ -926,8 +710,11 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="attn-only", choices=list(loha.PRESETS),
                    help="which modules every variant adapts (LyCORIS's preset names; convs at --rank)")
     p.add_argument("--count", action="store_true",
-                   help="exact op counts and saved-for-backward bytes per variant instead of timings "
-                        "(--model sdxl: under FakeTensorMode, no memory)")
+                   help="exact op counts, bytes moved and saved, and peak memory per variant instead of timings "
+                        "(--model sdxl: on fake tensors, no memory)")
+    p.add_argument("--setup", choices=("trainer", "anchor"), default="trainer",
+                   help="--count's step: the trainer's, or the H200 anchor harness's (to validate the peak)")
+    p.add_argument("--conv_rank", type=int, default=None, help="rank of convs larger than 1x1 (default: --rank)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet of every variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ON_REQUEST, metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all of them), or {', '.join(ON_REQUEST)}")
@@ -980,6 +767,8 @@ def run(args) -> int:
         print(precision_table())
         return 0
     if args.count:
+        from count import count_all, count_table
+
         report = count_all(args)
         print(count_table(report))
         if args.json:
