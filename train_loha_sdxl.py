@@ -33,16 +33,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import loha
+import loha.memory
 from loha import LoHaError
 from loha import cli as loha_cli
 from loha import data as loha_data
+from loha import fp8 as loha_fp8
 from loha import hub as loha_hub
 from loha import runs as loha_runs
+from loha import sources as loha_sources
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -68,10 +72,14 @@ def demo_defaults() -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.dry_run:
+            return dry_run(args)
         with contextlib.ExitStack() as held:
             accelerator = start_accelerator(args, held)  # takes the output folder's lock: one run per folder
             resume = plan_resume(args, argv, accelerator)  # checked before anything loads or is written
             data = load_training_data(args, accelerator)  # bad data fails before minutes of model loading
+            print_plan(data, args, accelerator)
+            check_fit(data, args, accelerator)  # on a GPU: will it fit? before minutes of model loading
             models = load_models(args, accelerator)
             add_adapters(models, args)
             cache_features(data, models, args, accelerator)
@@ -112,6 +120,9 @@ class Interrupted(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = loha_cli.parser(__doc__.split("\n\n")[0])
     on_off = dict(action=argparse.BooleanOptionalAction, default=False)  # --x / --no-x: demo defaults can be undone
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the plan (data, buckets, steps) and the estimated peak GPU memory of this exact "
+                        "configuration, then exit; reads no weights and writes nothing")
     g = p.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
                    help="offline demo: build a tiny SDXL pipeline locally and train on examples/data "
@@ -120,10 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL,
-                   help="the SDXL base model: a hub id or a local diffusers folder")
+                   help="the SDXL base model: a hub id, a local diffusers folder, or a single-file checkpoint "
+                        "(.safetensors in the A1111/ComfyUI layout: Pony, Illustrious, NoobAI, ...)")
+    g.add_argument("--config", default=None,
+                   help="for a single-file base: the diffusers folder or hub id its configs, tokenizers and "
+                        f"scheduler come from; default: {loha_sources.SDXL_BASE}'s, from the local cache")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="a VAE that is safe in 16 bits (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; "
-                        "default: none (the model's own VAE, run in fp32)")
+                   help="a VAE that is safe in 16 bits (hub id, folder or single .safetensors file), e.g. "
+                        "madebyollin/sdxl-vae-fp16-fix; default: none (the model's own VAE, run in fp32)")
+    g.add_argument("--base_precision", choices=["auto", "fp8"], default="auto",
+                   help="storage of the frozen UNet's Linear and Conv2d weights: auto (the --mixed_precision "
+                        "dtype) or fp8 (float8_e4m3fn, computed in the mixed-precision dtype: half the weights' "
+                        "memory; kohya's --fp8_base). Default: auto")
+    g.add_argument("--fp8_base", dest="base_precision", action="store_const", const="fp8",
+                   help="kohya's name for --base_precision fp8")
     g.add_argument("--revision", default=None,
                    help="hub revision (branch, tag or commit) of the base model; default: main")
     g.add_argument("--variant", default=None,
@@ -186,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss and noise")
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
-                   help="what the UNet predicts; default: the model's scheduler config")
+                   help="what the UNet predicts (v_prediction for v-pred bases such as NoobAI-XL V-Pred); default: "
+                        "the model's scheduler config")
+    g.add_argument("--zero_terminal_snr", **on_off,
+                   help="rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2023; kohya's and "
+                        "diffusers' flag; use it with --prediction_type v_prediction); default: off")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="min-SNR loss weighting γ (5.0 is the paper's); default: off")
     g.add_argument("--noise_offset", type=float, default=0.0, help="per-channel noise offset (e.g. 0.05); 0: off")
@@ -413,13 +438,10 @@ class Models:
 
 
 def load_models(args, accelerator) -> Models:
-    """Load every SDXL component the way a hub model is loaded, in the dtype it trains in; freeze them; put
-    them on the device."""
+    """Load every SDXL component the way a hub model is loaded (a diffusers folder, hub id or single file), in the
+    dtype it trains in, the UNet's frozen weights in fp8 with --base_precision fp8; freeze them; put them on the
+    device."""
     loha_hub.import_sdxl_pipeline()  # first, so diffusers' imports make no torchvision notice
-    import diffusers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
     if args.demo and accelerator.is_main_process:
         from loha.tiny_sdxl import build_tiny_sdxl_pipeline
         build_tiny_sdxl_pipeline(args.pretrained_model_name_or_path)
@@ -427,42 +449,53 @@ def load_models(args, accelerator) -> Models:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's own VAE overflows in fp16; a fixed VAE (e.g. the fp16-fix) may use the training dtype.
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
-    path = args.pretrained_model_name_or_path
-    common = dict(revision=args.revision, cache_dir=args.cache_dir)
-    weights = dict(variant=args.variant, dtype=weight_dtype, **common)
-    what, name = "the model", path
-    try:
-        with loha_hub.quiet_loading(path):
-            tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
-            tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
-            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights)
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
-            noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-            sampling_config = DDPMScheduler.load_config(path, subfolder="scheduler", **common)
-            if not args.pretrained_vae_model_name_or_path:
-                vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**weights, "dtype": vae_dtype})
-        if args.pretrained_vae_model_name_or_path:
-            what, name = "the VAE", args.pretrained_vae_model_name_or_path
-            with loha_hub.quiet_loading(name):
-                vae = AutoencoderKL.from_pretrained(name, cache_dir=args.cache_dir, dtype=vae_dtype)
-    except (OSError, ValueError) as e:
-        raise LoHaError(loha_hub.load_error(what, name, e)) from None
-    if args.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    sampling_class = getattr(diffusers, sampling_config.get("_class_name", ""), diffusers.EulerDiscreteScheduler)
-    sampling_scheduler = sampling_class.from_config(
-        sampling_config, **({"prediction_type": args.prediction_type} if args.prediction_type else {}))
-    for model in (unet, vae, text_encoder, text_encoder_2):
+    source = base_source(args)
+    parts = loha_sources.load_components(source, weight_dtype, vae_dtype,
+                                         need_vae=not args.pretrained_vae_model_name_or_path)
+    if args.pretrained_vae_model_name_or_path:
+        parts["vae"] = loha_sources.load_vae(args.pretrained_vae_model_name_or_path, vae_dtype,
+                                             config=source.configs, cache_dir=args.cache_dir)
+    noise_scheduler, sampling_scheduler = make_schedulers(parts["scheduler_config"], args)
+    if args.base_precision == "fp8":
+        loha_fp8.store_fp8(parts["unet"].requires_grad_(False))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        model = parts[name]
         model.requires_grad_(False)
         model.to(accelerator.device)
-    model_id = [path, args.revision, args.variant]
-    return Models(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler,
+        if accelerator.device.type == "cpu":  # fresh, equally aligned storage whatever the file layout, so that
+            for t in (*model.parameters(), *model.buffers()):  # a single file and its folder train bit for bit alike
+                t.data = t.data.clone()
+    model_id = [args.pretrained_model_name_or_path, args.revision, args.variant]
+    vae, te1, te2 = parts["vae"], parts["text_encoder"], parts["text_encoder_2"]
+    return Models(parts["tokenizer"], parts["tokenizer_2"], te1, te2, vae, parts["unet"], noise_scheduler,
                   sampling_scheduler, weight_dtype,
                   vae_id=json.dumps([args.pretrained_vae_model_name_or_path or model_id, str(vae_dtype),
                                      dict(vae.config)], default=str),
-                  text_id=json.dumps([model_id, str(weight_dtype), text_encoder.config.to_dict(),
-                                      text_encoder_2.config.to_dict()], default=str))
+                  text_id=json.dumps([model_id, str(weight_dtype), te1.config.to_dict(), te2.config.to_dict()],
+                                     default=str))
+
+
+def base_source(args) -> loha_sources.Source:
+    return loha_sources.resolve(args.pretrained_model_name_or_path, config=args.config, revision=args.revision,
+                                variant=args.variant, cache_dir=args.cache_dir)
+
+
+def make_schedulers(config: dict, args):
+    """(DDPM with the model's betas, to add noise in training; the model's own scheduler class, to sample), both
+    with --prediction_type and --zero_terminal_snr applied."""
+    import diffusers
+
+    overrides = {}
+    if args.prediction_type:
+        overrides["prediction_type"] = args.prediction_type
+    if args.zero_terminal_snr:
+        overrides["rescale_betas_zero_snr"] = True
+    noise = diffusers.DDPMScheduler.from_config(config, **overrides)
+    sampling_class = getattr(diffusers, config.get("_class_name", ""), diffusers.EulerDiscreteScheduler)
+    sampling = sampling_class.from_config(config, **overrides)
+    if args.zero_terminal_snr and "timestep_spacing" in sampling.config:  # the last step must reach SNR 0
+        sampling.register_to_config(timestep_spacing="trailing")
+    return noise, sampling
 
 
 def add_adapters(models: Models, args):
@@ -671,6 +704,241 @@ def progress_bar(accelerator, description):
     return lambda items: tqdm(items, desc=description, disable=not accelerator.is_main_process, leave=False)
 
 
+# ===================================================================================== the plan
+def schedule_of(data: TrainingData, args, processes: int) -> tuple[int, int, int, int]:
+    """(batches per epoch, optimizer updates per epoch, total updates, epochs)."""
+    batches = len(loha_data.epoch_batches(data.samples, args.train_batch_size * processes, args.seed, 0))
+    updates = math.ceil(batches / args.gradient_accumulation_steps)
+    total = args.max_train_steps or args.num_train_epochs * updates
+    return batches, updates, total, math.ceil(total / updates)
+
+
+def print_plan(data: TrainingData, args, accelerator):
+    """What the run will do, before anything loads: images, buckets, batches, epochs and steps."""
+    if not accelerator.is_main_process:
+        return
+    batches, updates, total, epochs = schedule_of(data, args, accelerator.num_processes)
+    buckets = {}
+    for sample in data.samples:
+        buckets[sample.bucket] = buckets.get(sample.bucket, 0) + 1
+    lines = [f"plan: {len(data.samples)} training images",
+             "  buckets (width x height: images): "
+             + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())),
+             f"  {batches} batches of {args.train_batch_size} x {accelerator.num_processes} process(es) per epoch, "
+             f"{updates} updates per epoch (accumulating {args.gradient_accumulation_steps}); {epochs} epochs, "
+             f"{total} steps"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def largest_bucket(data: TrainingData) -> tuple[int, int]:
+    return max((s.bucket for s in data.samples), key=lambda b: (b[0] * b[1], b))
+
+
+def dry_run(args) -> int:
+    """--dry_run: the plan and the estimated peak GPU memory, from the model's configs; no weight is read and
+    nothing is written (the feature cache and the output folder are not touched)."""
+    stub = SimpleNamespace(is_main_process=True, num_processes=int(os.environ.get("WORLD_SIZE", 1)))
+    data = load_training_data(args, stub)
+    if args.demo:  # the demo's base model is built here, as a hub model is downloaded
+        from loha.tiny_sdxl import build_tiny_sdxl_pipeline
+        build_tiny_sdxl_pipeline(args.pretrained_model_name_or_path)
+    print_plan(data, args, stub)
+    estimate = estimate_peak(args, data, mixed_precision_of(args))
+    print(describe_estimate(estimate, args, data))
+    cards = [gib for gib in (8, 12, 16, 24, 48, 80) if fits(estimate["bytes"], gib * 2**30)]
+    print(f"fits a GPU with {cards[0]} GB or more" if cards else "fits none of the usual GPU sizes (80 GB or less)")
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        print(f"this machine's GPU has {free / 2**30:.1f} GiB free: it "
+              f"{'fits' if fits(estimate['bytes'], free) else 'does not fit'}")
+    return 0
+
+
+def mixed_precision_of(args) -> str:
+    """The mixed precision a run would use: the flag, else accelerate's (from `accelerate launch` or its config)."""
+    if args.mixed_precision:
+        return args.mixed_precision
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if value is None:
+        try:
+            from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+            value = load_config_from_file(default_config_file).mixed_precision if Path(default_config_file).is_file() \
+                else None
+        except Exception:  # noqa: BLE001 - a broken accelerate config is accelerate's to report, at launch
+            value = None
+    return str(value or "no")
+
+
+def fits(peak_bytes: int, free_bytes: int) -> bool:
+    """Whether a counted peak fits, with what the count cannot see (CUDA workspaces, allocator rounding) added."""
+    return peak_bytes + loha.memory.GPU_OVERHEAD_BYTES <= free_bytes
+
+
+def describe_estimate(estimate: dict, args, data: TrainingData) -> str:
+    w, h = estimate["bucket"]
+    precision = PRECISION_NAMES.get(estimate["precision"], estimate["precision"])
+    split = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate["split"].items() if v)
+    return (f"estimated peak GPU memory: {estimate['bytes'] / 2**30:.2f} GiB ({split}; plus about "
+            f"{loha.memory.GPU_OVERHEAD_BYTES / 2**30:.1f} GiB of CUDA workspaces) for a step at the largest bucket "
+            f"{w}x{h}, batch {args.train_batch_size}, {precision}, "
+            f"base weights {'fp8' if args.base_precision == 'fp8' else 'in the compute dtype'}, "
+            f"{args.preset or (args.target_modules and 'custom targets') or loha.DEFAULT_PRESET} rank {args.rank}, "
+            f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, latents "
+            f"{'cached' if args.cache_latents else 'encoded each step'}, text "
+            f"{'cached' if args.cache_text_embeddings else 'encoded each step'}")
+
+
+PRECISION_NAMES = {"no": "fp32 (no mixed precision)", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}
+
+
+def check_fit(data: TrainingData, args, accelerator):
+    """On a CUDA device: the estimate, and if it exceeds the device's free memory a warning naming flags that
+    would make the run fit."""
+    if accelerator.device.type != "cuda" or not accelerator.is_main_process:
+        return
+    estimate = estimate_peak(args, data, accelerator.mixed_precision)
+    print(describe_estimate(estimate, args, data), file=sys.stderr, flush=True)
+    free, _ = torch.cuda.mem_get_info(accelerator.device)
+    if fits(estimate["bytes"], free):
+        return
+    changed, tried = argparse.Namespace(**vars(args)), []
+    for flag, change in (("--gradient_checkpointing", {"gradient_checkpointing": True}),
+                         ("--cache_latents", {"cache_latents": True}),
+                         ("--base_precision fp8", {"base_precision": "fp8"})):
+        if all(getattr(changed, k) == v for k, v in change.items()):
+            continue
+        vars(changed).update(change)
+        tried.append(flag)
+        smaller = estimate_peak(changed, data, accelerator.mixed_precision)
+        if fits(smaller["bytes"], free):
+            break
+    else:
+        while changed.train_batch_size > 1 and not fits(smaller["bytes"], free):
+            changed.train_batch_size //= 2
+            changed.gradient_accumulation_steps *= 2
+            smaller = estimate_peak(changed, data, accelerator.mixed_precision)
+        tried += [f"--train_batch_size {changed.train_batch_size}",
+                  f"--gradient_accumulation_steps {changed.gradient_accumulation_steps}"]
+    advice = (f"{' '.join(tried)} would fit it (estimated {smaller['bytes'] / 2**30:.2f} GiB)"
+              if fits(smaller["bytes"], free) else f"even {' '.join(tried)} would not (estimated "
+              f"{smaller['bytes'] / 2**30:.2f} GiB): use a GPU with more memory")
+    overhead = loha.memory.GPU_OVERHEAD_BYTES / 2**30
+    print(f"warning: the estimated peak of {estimate['bytes'] / 2**30:.2f} GiB (+{overhead:.1f} GiB of CUDA "
+          f"workspaces) exceeds the {free / 2**30:.1f} GiB free on {accelerator.device}; {advice}",
+          file=sys.stderr, flush=True)
+
+
+ESTIMATE_FLAGS = ("preset", "target_modules", "rank", "alpha", "conv_rank", "conv_alpha", "use_tucker",
+                  "loha_forward_mode", "train_text_encoder", "gradient_checkpointing", "cache_latents",
+                  "cache_text_embeddings", "base_precision", "train_batch_size", "pretrained_vae_model_name_or_path",
+                  "rank_dropout", "module_dropout", "use_8bit_adam", "snr_gamma", "prediction_type")
+
+
+def estimate_peak(args, data: TrainingData, mixed_precision: str) -> dict:
+    """The peak device memory of this run's training step at its largest bucket: the trainer's own step
+    (training_loss, backward, clipping, the optimizer) run on fake tensors built from the model's configs, by a
+    GPU's rules (loha.memory). Cached by configuration: a first estimate of SDXL takes tens of seconds of CPU."""
+    source = base_source(args)
+    configs = loha_sources.component_configs(source)
+    bucket = largest_bucket(data)
+    settings = {k: getattr(args, k) for k in ESTIMATE_FLAGS}
+    key = loha_data.content_key("estimate", bucket, mixed_precision, settings, loha.__version__, torch.__version__,
+                                {k: v if isinstance(v, dict) else v.to_dict() for k, v in configs.items()})
+    cache = Path(args.feature_cache_dir) / "estimates" / f"{key}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            pass
+    peak = fake_step_peak(args, configs, source, bucket, mixed_precision)
+    result = {**peak.as_dict(), "bucket": list(bucket), "precision": mixed_precision}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        loha.atomic_write_bytes(cache, json.dumps(result).encode())
+    except OSError:
+        pass  # a read-only cache only costs the next estimate its time
+    return result
+
+
+def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from loha import internals
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+    w, h = bucket
+    batch_size = args.train_batch_size
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(internals.fake_mode())
+        stack.enter_context(loha.memory.fake_moves())
+        stack.enter_context(loha.memory.cuda_rules())
+        make = loha.memory.fake_model
+        unet = make(lambda: UNet2DConditionModel.from_config(configs["unet"]), weight_dtype)
+        encoders = [make(lambda c=configs[k], m=m: m(c), weight_dtype) for k, m in
+                    (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))]
+        vae = make(lambda: AutoencoderKL.from_config(configs["vae"]), vae_dtype)
+        noise, sampling = make_schedulers(configs["scheduler"], args)
+        tokenizers = [None, None]
+        if not args.cache_text_embeddings:
+            from transformers import AutoTokenizer
+
+            tokenizers = [AutoTokenizer.from_pretrained(source.configs, subfolder=sub, **source.hub)
+                          for sub in ("tokenizer", "tokenizer_2")]
+        if args.base_precision == "fp8":
+            loha_fp8.store_fp8(unet.requires_grad_(False))
+        for model in (unet, vae, *encoders):
+            model.requires_grad_(False)
+        models = Models(*tokenizers, *encoders, vae, unet, noise, sampling, weight_dtype, "", "")
+        add_adapters(models, args)
+        trained = trained_models(models, args)
+        params = [p for model in trained.values() for p in loha.trainable_parameters(model)]
+        optimizer = make_optimizer(params, args.learning_rate, args)
+        for model in trained.values():
+            model.train()
+            autocast_forward(model, weight_dtype)
+        batch = {"index": list(range(batch_size)), "epoch": [0] * batch_size, "time_ids": torch.zeros(batch_size, 6)}
+        if args.cache_latents:
+            batch["latent_params"] = torch.zeros(batch_size, 2 * configs["vae"]["latent_channels"], h // 8, w // 8)
+        else:
+            batch["pixels"] = torch.zeros(batch_size, 3, h, w)
+        if args.cache_text_embeddings:
+            batch["prompt_embeds"] = torch.zeros(batch_size, 77, configs["unet"]["cross_attention_dim"])
+            batch["pooled"] = torch.zeros(batch_size, configs["text_encoder_2"].projection_dim)
+        else:
+            batch["caption"] = ["a photo"] * batch_size
+        run = SimpleNamespace(models=models, accelerator=SimpleNamespace(device=torch.device("cpu")), trained=trained)
+        resident = [unet] + ([] if args.cache_latents else [vae]) + ([] if args.cache_text_embeddings else encoders)
+
+        def step(tracker):
+            tracker.phase = "activations"
+            loss = training_loss(run, args, batch)
+            tracker.phase = "temporaries"
+            loss.backward()
+            tracker.phase = "optimizer"
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return loha.memory.step_peak(resident, params, optimizer, step, batch)
+
+
+def autocast_forward(model, dtype):
+    """What accelerate's mixed precision does to a prepared model: its forward under autocast, outputs in fp32."""
+    forward = model.forward
+
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+        return out
+
+    model.forward = wrapped
+
+
 # ================================================================================== prepare/resume
 @dataclasses.dataclass
 class Run:
@@ -702,10 +970,8 @@ def prepare_training(models: Models, data: TrainingData, args, accelerator) -> R
     from diffusers.optimization import get_scheduler
 
     global_batch = args.train_batch_size * accelerator.num_processes
-    batches_per_epoch = len(loha_data.epoch_batches(data.samples, global_batch, args.seed, 0))
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    batches_per_epoch, updates_per_epoch, max_train_steps, num_epochs = schedule_of(data, args,
+                                                                                  accelerator.num_processes)
 
     trained = trained_models(models, args)
     params = [p for model in trained.values() for p in loha.trainable_parameters(model)]

@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("merge", "bake LoHa adapters into an SDXL checkpoint (a diffusers folder or a single file)")
     p.add_argument("--base", required=True, help="a diffusers SDXL folder or a single-file SDXL .safetensors")
-    p.add_argument("--adapter", action="append", required=True,
-                   help="a LoHa in any layout loha.load reads; repeatable")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="a LoHa in any layout loha.load reads; repeatable (none: a diffusers --base is written as a "
+                        "single .safetensors file, unchanged)")
     p.add_argument("--scale", action="append", type=float, default=None,
                    help="strength of the --adapter before it (repeatable, in the same order); default: 1 for each")
     p.add_argument("--out", required=True,

@@ -286,9 +286,9 @@ def _make_mode(tracker: LiveBytes):
 
 
 def fake_model(make, dtype):
-    """``make()`` (a module constructor) on the meta device, cast to ``dtype`` there, then materialised as fake
-    tensors under the active FakeTensorMode: the full SDXL UNet in a second, with no memory."""
-    with torch.device("meta"):
+    """``make()`` (a module constructor) on the meta device (outside any fake mode), cast to ``dtype`` there, then
+    materialised as fake tensors under the active FakeTensorMode: the full SDXL UNet in a second, no memory."""
+    with internals.unset_fake_temporarily(), torch.device("meta"):
         model = nn.Module.to(make(), dtype)
     return model.to_empty(device="cpu")
 
@@ -297,17 +297,19 @@ def optimizer_state(optimizer) -> list:
     return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
-def step_peak(model, params, optimizer, run_step, inputs, during=None) -> Peak:
+def step_peak(models, params, optimizer, run_step, inputs, during=None) -> Peak:
     """The peak of one steady-state training step: ``run_step(tracker)`` (forward, backward and optimizer step,
     setting ``tracker.phase``) under a LiveBytes tracker and the context ``during``, after the optimizer's state
-    was made by a first update from zero gradients (what the first real step leaves behind)."""
+    was made by a first update from zero gradients (what the first real step leaves behind). ``models``: the
+    module, or list of modules, whose parameters and buffers are on the device."""
+    models = models if isinstance(models, (list, tuple)) else [models]
     if optimizer is not None and params:
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     tracker = LiveBytes()
-    tracker.track([*model.parameters(), *model.buffers(), *params], "parameters")
+    tracker.track([t for m in models for t in (*m.parameters(), *m.buffers())] + list(params), "parameters")
     if optimizer is not None:
         tracker.track(optimizer_state(optimizer), "optimizer")
     tracker.track([t for t in internals.tree_leaves(inputs) if isinstance(t, torch.Tensor)], "inputs")

@@ -84,10 +84,12 @@ def merge(base, adapters: list[tuple[str, float]], out, *, config=None, progress
     """Fold ``adapters`` [(path, scale), ...] into the checkpoint ``base`` (a diffusers folder or a single
     file) and write ``out``: a diffusers folder, or with a .safetensors name the single-file layout. Adapted
     tensors are computed in fp32 from the base tensor and every adapter in turn, and cast once; every other
-    tensor is copied bit for bit; one tensor at a time is in memory."""
+    tensor is copied bit for bit; one tensor at a time is in memory. With no adapter a diffusers folder is
+    written as a single file, unchanged (for A1111, ComfyUI and Forge, and for training on single files)."""
     base, out = Path(base), Path(out)
-    if not adapters:
-        raise LoHaError("give at least one --adapter")
+    if not adapters and not (base.is_dir() and out.suffix == ".safetensors"):
+        raise LoHaError("give at least one --adapter (without one, merge only converts a diffusers folder into a "
+                        "single .safetensors file)")
     _check_out(out, base=base)
     for path, _ in adapters:
         _check_out(out, adapter=path)
@@ -209,7 +211,8 @@ def _merge_to_single_file(checkpoint: ck.Checkpoint, skeleton, edits, out: Path,
             first = thirds[0][0]
             tensors[name] = Lazy(first.stored_dtype, (3 * first.stored_shape[0], *first.stored_shape[1:]),
                                  lambda th=thirds: torch.cat([th[i][1]() for i in range(3)]))
-    metadata["loha.merged"] = ", ".join(f"{Path(p).name} x{s:g}" for p, s in adapters)
+    if adapters:
+        metadata["loha.merged"] = ", ".join(f"{Path(p).name} x{s:g}" for p, s in adapters)
     with _progress_writes(tensors, progress):
         formats.write_safetensors(out, tensors, metadata)
 

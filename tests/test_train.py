@@ -571,7 +571,8 @@ def test_unwritable_output_and_missing_resume(tiny_pipeline_dir, tmp_path, capsy
     fails_with(capsys, base_args(tiny_pipeline_dir, tmp_path / "file" / "out", tmp_path / "c"), "is not writable")
     fails_with(capsys, [*base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c"), "--resume_from_checkpoint",
                         str(tmp_path / "nope")], "no such folder")
-    fails_with(capsys, base_args(tmp_path / "no-model", tmp_path / "o", tmp_path / "c"), "cannot load the model")
+    fails_with(capsys, base_args(tmp_path / "no-model", tmp_path / "o", tmp_path / "c"), "cannot load the base model",
+               "no-model")
 
 
 def test_nonfinite_loss_skips_then_stops_keeping_last_checkpoint(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
