@@ -27,12 +27,13 @@ from PIL import Image, PngImagePlugin
 
 import loha
 import loha.cli
+import loha.fp8
 import loha.hub
+import loha.sources
 from loha.formats import COMPONENTS, PEFT_CONFIG, PEFT_WEIGHTS
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM")  # AUTOMATIC1111's names
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class InferError(Exception):
@@ -49,9 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training output_dir, checkpoint-<step>/, PEFT LoHa "
                    "folder, adapter_model.safetensors, or kohya/LyCORIS/ComfyUI .safetensors file")
     p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help=f"hub id or local folder; default: the checkpoint's metadata, else {DEFAULT_BASE_MODEL}")
+                   help="hub id, local diffusers folder, or single-file .safetensors checkpoint; default: the base "
+                        f"the checkpoint records (or {DEFAULT_BASE_MODEL} when it records none)")
+    p.add_argument("--config", default=None,
+                   help="for a single-file base: the diffusers folder or hub id its configs come from; default: "
+                        "SDXL base 1.0's, from the local cache")
     p.add_argument("--vae", default=None,
-                   help="a fixed VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; default: the model's")
+                   help="a fixed VAE (hub id, folder or single .safetensors file), e.g. madebyollin/sdxl-vae-fp16-fix; "
+                        "default: the model's")
+    p.add_argument("--base_precision", choices=("auto", "fp8"), default="auto",
+                   help="the UNet's Linear/Conv2d weights in --dtype (auto) or stored in fp8 and computed in --dtype "
+                        "(half their memory); default: auto")
     p.add_argument("--prompt", action="append", default=[], help="repeatable; default: none (use --prompts_file)")
     p.add_argument("--prompts_file", default=None,
                    help="a text file with one prompt per line (blank lines skipped); default: none")
@@ -190,42 +199,39 @@ def describe(adapter: loha.Adapter) -> str:
 
 
 def base_model_for(args, adapter: loha.Adapter) -> str:
+    """The base to load: --pretrained_model_name_or_path, else the one the checkpoint records (an absolute
+    path or hub id), else SDXL base 1.0 when it records none. A recorded base that is not here is an error that
+    names it (file name and hash) and says how to pass it."""
     if args.pretrained_model_name_or_path:
         return args.pretrained_model_name_or_path
     named = adapter.base_model
-    # kohya writes a file name (sd_xl_base_1.0.safetensors) or a path on the trainer's machine: only a
-    # folder that exists here or a hub id can be loaded.
-    if named and (Path(named).is_dir() or (HUB_ID.fullmatch(named) and not named.endswith(".safetensors"))):
+    if loha.sources.found(named):
         log(f"base model: {named} (from the checkpoint's metadata)")
         return named
-    note = f"the checkpoint names {named!r}, which is neither a folder here nor a hub id" if named else \
-        "the checkpoint does not name one"
-    log(f"base model: {DEFAULT_BASE_MODEL} ({note}; set --pretrained_model_name_or_path to choose)")
+    if named:
+        raise InferError(loha.sources.unreachable_base_note(named, adapter.metadata))
+    log(f"base model: {DEFAULT_BASE_MODEL} (the checkpoint names none; set --pretrained_model_name_or_path to "
+        "choose)")
     return DEFAULT_BASE_MODEL
 
 
 # ------------------------------------------------------------------------------------ pipeline
-def load_pipeline(base_model: str, vae: str | None, dtype: torch.dtype):
+def load_pipeline(base_model: str, vae: str | None, dtype: torch.dtype, config: str | None = None):
+    """The SDXL pipeline of a diffusers folder, hub id or single file (its configs from ``config``)."""
     StableDiffusionXLPipeline = loha.hub.import_sdxl_pipeline()  # noqa: N806 - a class
-    from diffusers import AutoencoderKL
+    from diffusers import DDPMScheduler
 
-    for flag, name in (("--pretrained_model_name_or_path", base_model), ("--vae", vae)):
-        if name and not Path(name).is_dir() and not HUB_ID.fullmatch(name):
-            raise InferError(f"{flag} {name} is neither a folder here nor a hub id like org/name")
-    # use_safetensors: the base model, like the adapter, is never read from a pickle.
-    options = {"dtype": dtype, "use_safetensors": True}
-    what, name = "the SDXL base model", base_model
-    try:
-        if vae:
-            what, name = "the VAE", vae
-            with loha.hub.quiet_loading(vae):
-                options["vae"] = AutoencoderKL.from_pretrained(vae, **options)
-            what, name = "the SDXL base model", base_model
-        with loha.hub.quiet_loading(base_model):
-            pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **options)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise InferError(loha.hub.load_error(what, name, e)) from None
-    if Path(base_model).is_dir():
+    source = loha.sources.resolve(base_model, config=config, what="the SDXL base model")
+    parts = loha.sources.load_components(source, dtype, need_vae=not vae)
+    if vae:
+        parts["vae"] = loha.sources.load_vae(vae, dtype, config=source.configs)
+    scheduler_class = getattr(__import__("diffusers"), parts["scheduler_config"].get("_class_name", ""), DDPMScheduler)
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                     text_encoder_2=parts["text_encoder_2"], tokenizer=parts["tokenizer"],
+                                     tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
+                                     scheduler=scheduler_class.from_config(parts["scheduler_config"]),
+                                     add_watermarker=False)
+    if Path(source.configs).is_dir():
         pipe.set_progress_bar_config(leave=False)
     return pipe
 
@@ -323,8 +329,10 @@ def run(args) -> list[Path]:
     except OSError as e:
         raise InferError(f"cannot write into --output_dir {out}: {e.strerror or e}") from None
 
-    pipe = load_pipeline(base_model, args.vae, dtype)
+    pipe = load_pipeline(base_model, args.vae, dtype, args.config)
     adapted = [getattr(pipe, c) for c in loha.load(pipe, adapter)]  # strict: a bad shape = another base model
+    if args.base_precision == "fp8":
+        loha.fp8.store_fp8(pipe.unet)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(device)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor  # 1024 for SDXL

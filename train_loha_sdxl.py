@@ -480,6 +480,12 @@ def base_source(args) -> loha_sources.Source:
                                 variant=args.variant, cache_dir=args.cache_dir)
 
 
+def recorded_base(args) -> str:
+    """The base as files record it: an absolute path (a folder or single file here) or a hub id."""
+    name = args.pretrained_model_name_or_path
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
 def make_schedulers(config: dict, args):
     """(DDPM with the model's betas, to add noise in training; the model's own scheduler class, to sample), both
     with --prediction_type and --zero_terminal_snr applied."""
@@ -1031,8 +1037,7 @@ def register_checkpoint_hooks(run: Run, args):
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                loha.save(bare(model), Path(output_dir) / component_of(model),
-                          base_model=args.pretrained_model_name_or_path)
+                loha.save(bare(model), Path(output_dir) / component_of(model), base_model=recorded_base(args))
         weights.clear()  # nothing else of the models is written
 
     def load_hook(models, input_dir):
@@ -1553,7 +1558,7 @@ def save_final_outputs(run: Run, args):
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out, base = Path(args.output_dir), args.pretrained_model_name_or_path
+        out, base = Path(args.output_dir), recorded_base(args)
         unwrapped = {name: accelerator.unwrap_model(m, keep_torch_compile=False) for name, m in run.trained.items()}
         kohya_file = out / f"{args.output_name}.safetensors"
         for name in [*unwrapped, kohya_file.name, "training_args.json", "README.md"]:
@@ -1570,7 +1575,9 @@ def save_final_outputs(run: Run, args):
                               naming=args.kohya_naming, preset=args.preset or (
                                   None if args.target_modules else loha.DEFAULT_PRESET),
                               metadata={"ss_steps": run.global_step, "ss_resolution": args.resolution,
-                                        "ss_training_comment": trigger_prompt(run, args)})
+                                        "ss_training_comment": trigger_prompt(run, args),
+                                        **loha_sources.provenance(base, args.pretrained_vae_model_name_or_path,
+                                                                  args.feature_cache_dir)})
             loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings(args), indent=2).encode())
             loha.atomic_write_bytes(out / "README.md", model_card(run, args).encode())
         except OSError as e:

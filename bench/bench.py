@@ -715,6 +715,8 @@ def parse_args(argv=None):
     p.add_argument("--setup", choices=("trainer", "anchor"), default="trainer",
                    help="--count's step: the trainer's, or the H200 anchor harness's (to validate the peak)")
     p.add_argument("--conv_rank", type=int, default=None, help="rank of convs larger than 1x1 (default: --rank)")
+    p.add_argument("--base_precision", choices=("auto", "fp8"), default="auto",
+                   help="--count: the UNet's frozen Linear/Conv2d weights in --dtype (auto) or fp8, every variant")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet of every variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ON_REQUEST, metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all of them), or {', '.join(ON_REQUEST)}")

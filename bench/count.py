@@ -159,6 +159,10 @@ def count_variant(name: str, args, fake) -> dict:
         stack.enter_context(lmem.cuda_rules(flash=fake is not None))
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if args.base_precision == "fp8":
+            from loha.fp8 import store_fp8
+
+            store_fp8(unet)
         lora_rank = args.rank if args.setup == "anchor" else 2 * args.rank
         params, extras = bench.add_adapter(name, unet, args.rank, args.preset, conv_rank=args.conv_rank,
                                            lora_rank=lora_rank, peft_init=args.setup == "anchor")
@@ -260,7 +264,8 @@ def count_table(report: dict) -> str:
     cfg, counts = report["config"], report["counts"]
     lines = [f"{cfg['model']} UNet, {cfg['dtype']}, batch {cfg['batch_size']}, {cfg['resolution']}², rank "
              f"{cfg['rank']} (convs {cfg['conv_rank'] or cfg['rank']}), preset {cfg['preset']}, gradient checkpointing "
-             f"{'on' if cfg['gradient_checkpointing'] else 'off'}, {cfg['setup']} step, one steady-state step"
+             f"{'on' if cfg['gradient_checkpointing'] else 'off'}, base weights "
+             f"{cfg.get('base_precision', 'auto')}, {cfg['setup']} step, one steady-state step"
              + (" under FakeTensorMode" if cfg["model"] == "sdxl" else "")
              + f", CUDA's autocast policy; grouped chunks of {report['chunk_bytes'] / 2**20:g} MiB of built weights; "
              f"{report['environment']['date_utc']}; torch {report['environment']['torch']}", "",

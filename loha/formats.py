@@ -383,7 +383,10 @@ def write_kohya(file, parts, *, base_model: str | None = None, metadata: dict | 
         "ss_network_alpha": f"{alpha:g}",
         "ss_network_args": json.dumps({**network_args(parts), **({"preset": preset} if preset else {})},
                                       sort_keys=True),
-        "ss_sd_model_name": base_model or "",
+        # kohya's name is the file's or folder's own (a path on the trainer's machine means nothing elsewhere);
+        # loha.base_model keeps the absolute path or hub id another folder on this machine can load
+        "ss_sd_model_name": Path(base_model).name if base_model and Path(base_model).is_absolute()
+        else base_model or "",
         "loha.base_model": base_model or "",
     }
     unet = next((m for c, m, _ in parts if c == "unet"), None)

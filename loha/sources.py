@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import CHECKPOINT_HEADER_BYTES, CHECKPOINT_TENSORS, PREFIX
-from .cli import first_line
 from .formats import LoHaFileError, read_header
 from .hub import load_error, quiet_loading
 from .layer import LoHaError
@@ -217,7 +216,7 @@ def file_sha256(path: Path, cache_dir=None) -> str:
 
 def provenance(name: str | None, vae: str | None = None, cache_dir=None) -> dict[str, str]:
     """The base model (and VAE) as an adapter file records it: kohya's ss_sd_model_name (the file's or folder's
-    own name), ss_sd_model_hash / ss_new_sd_model_hash for a single file, and loha_base_model, an absolute path or
+    own name), ss_sd_model_hash / ss_new_sd_model_hash for a single file, and loha.base_model, an absolute path or
     a hub id that another folder or machine can use (with the name and hashes to find it again elsewhere)."""
     out = {}
     for key, value in (("sd_model", name), ("vae", vae)):
@@ -232,7 +231,7 @@ def provenance(name: str | None, vae: str | None = None, cache_dir=None) -> dict
             value = str(path.resolve())
         else:
             out[f"ss_{key}_name"] = value
-        out["loha_base_model" if key == "sd_model" else "loha_vae"] = value
+        out["loha.base_model" if key == "sd_model" else "loha.vae"] = value
     return out
 
 
@@ -257,6 +256,3 @@ def found(recorded: str | None) -> bool:
         return True
     return HUB_ID.fullmatch(recorded) is not None and not recorded.endswith(".safetensors") and not path.is_absolute()
 
-
-def first_error_line(e) -> str:
-    return first_line(e)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoints as ck
-from . import formats, names
+from . import formats, names, sources
 from . import math as lm
 from .formats import Lazy, LoHaFileError, ModuleWeights
 from .inject import preset_targets
@@ -39,9 +39,19 @@ def _bar(items, description, total=None, enabled=True):
 
 
 # ------------------------------------------------------------------------------- an adapter's entries
+BASE_KEYS = ("loha.base_model", "ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "loha.vae",
+             "ss_vae_name", "ss_vae_hash", "ss_new_vae_hash", "ss_base_model_version")
+
+
+def carried(adapter: formats.Adapter) -> dict:
+    """The base-model metadata of an adapter, for a file made from it (resize, convert)."""
+    return {k: adapter.metadata[k] for k in BASE_KEYS if isinstance(adapter.metadata.get(k), str)}
+
+
 def _adapter_and_skeleton(adapter_path, config) -> tuple[formats.Adapter, dict]:
     """The parsed adapter and the skeletons to name its modules: ``config``'s, else those of the base model
-    the file records when that is a local diffusers folder (the tiny demo's), else SDXL base 1.0's."""
+    the file records when it is a local diffusers folder (the tiny demo's), else SDXL base 1.0's; in that last
+    case, a file that does not fit is said to need its own base, named, not to be for a different base."""
     adapter = formats.read_adapter(adapter_path)
     recorded = adapter.base_model
     if config is None and recorded and (Path(recorded) / "model_index.json").is_file():
@@ -49,15 +59,24 @@ def _adapter_and_skeleton(adapter_path, config) -> tuple[formats.Adapter, dict]:
             return adapter, ck.skeletons(recorded)
         except LoHaFileError:  # not an SDXL folder after all: SDXL's structure, as without a record
             pass
-    return adapter, ck.skeletons(config)
+    skeleton = ck.skeletons(config)
+    if config is None and recorded and not sources.found(recorded):
+        skeleton["assumed"] = recorded
+    return adapter, skeleton
 
 
 def resolved(adapter: formats.Adapter, skeleton: dict) -> dict[str, dict[str, ModuleWeights]]:
     """{component: {module path: weights}} of an adapter, strictly checked against the skeleton."""
     out = {}
     for component in adapter.components:
-        entries = formats._resolve(adapter, component, skeleton[component])
-        formats._check_fits(entries, skeleton[component], adapter.source, component)
+        try:
+            entries = formats._resolve(adapter, component, skeleton[component])
+            formats._check_fits(entries, skeleton[component], adapter.source, component)
+        except LoHaFileError as e:
+            if "assumed" not in skeleton or "different base model" not in str(e):
+                raise
+            raise LoHaError(sources.unreachable_base_note(skeleton["assumed"], adapter.metadata).replace(
+                "--pretrained_model_name_or_path", "--config") + " (its modules do not fit SDXL base 1.0's)") from None
         out[component] = entries
     return out
 
@@ -213,6 +232,7 @@ def _merge_to_single_file(checkpoint: ck.Checkpoint, skeleton, edits, out: Path,
                                  lambda th=thirds: torch.cat([th[i][1]() for i in range(3)]))
     if adapters:
         metadata["loha.merged"] = ", ".join(f"{Path(p).name} x{s:g}" for p, s in adapters)
+        metadata["loha.merged_into"] = str(checkpoint.path.resolve())
     with _progress_writes(tensors, progress):
         formats.write_safetensors(out, tensors, metadata)
 
@@ -429,7 +449,7 @@ def extract(base, tuned, out, *, rank: int | None = None, target_error: float | 
     report["unchanged_layers"] = len(unchanged)
     report["out"] = str(out)
     _write_fitted(out, fits, skeleton, naming, {"loha.extracted_from": f"{tuned.name} - {base.name}",
-                                                "loha.preset": preset})
+                                                "loha.preset": preset, **sources.provenance(str(base))})
     return report
 
 
@@ -472,7 +492,7 @@ def resize(adapter_path, out, *, rank: int | None = None, target_error: float | 
     report = _report(fits)
     report["from_ranks"] = sorted({int(mw.rank) for mw in kept.values()})
     report["out"] = str(out)
-    _write_fitted(out, fits, skeleton, naming, {"loha.resized_from": Path(adapter_path).name})
+    _write_fitted(out, fits, skeleton, naming, {"loha.resized_from": Path(adapter_path).name, **carried(adapter)})
     return report
 
 

@@ -12,8 +12,7 @@ import torch
 # huggingface_hub, transformers and datasets read these when first imported, which happens
 # while test modules are collected, before any fixture runs: so they are set at import.
 _HF_HOME = tempfile.mkdtemp(prefix="loha-tests-hf-")
-_NATIVE_CACHE = tempfile.mkdtemp(prefix="loha-tests-native-")  # the fused CPU kernels, built once per session
-_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": _HF_HOME, "LOHA_CACHE_DIR": _NATIVE_CACHE}
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": _HF_HOME}
 os.environ.update(_OFFLINE_ENV)
 # MKL picks GEMM code paths by buffer alignment, so the same Linear on the same input can differ in the
 # last bit between two allocations. Strict conditional-numerical-reproducibility mode (best code path
@@ -21,12 +20,11 @@ os.environ.update(_OFFLINE_ENV)
 # subprocesses started by the tests inherit it.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
-atexit.register(shutil.rmtree, _NATIVE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_hf_home():
-    """Keep the session offline, with caches in a scratch HF_HOME and LOHA_CACHE_DIR (removed at exit)."""
+    """Keep the session offline, with caches in a scratch HF_HOME (removed at exit)."""
     with pytest.MonkeyPatch.context() as mp:
         for key, value in _OFFLINE_ENV.items():
             mp.setenv(key, value)
@@ -39,6 +37,16 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     from loha.tiny_sdxl import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """The tiny pipeline written as one single-file checkpoint (A1111/ComfyUI layout), by the toolbox."""
+    from loha import toolbox
+
+    out = tmp_path_factory.mktemp("single") / "tiny-sdxl.safetensors"
+    toolbox.merge(tiny_pipeline_dir, [], out, progress=False)
+    return out
 
 
 @pytest.fixture
