@@ -208,8 +208,11 @@ def base_model_for(args, adapter: loha.Adapter) -> str:
     if loha.sources.found(named):
         log(f"base model: {named} (from the checkpoint's metadata)")
         return named
-    if named:
+    if named and not re.fullmatch(r"sd_xl_base_1\.0.*\.safetensors", Path(named).name):
         raise InferError(loha.sources.unreachable_base_note(named, adapter.metadata))
+    if named:  # SDXL base 1.0's own file, as kohya files from other machines name it: the hub's copy of it
+        log(f"base model: {DEFAULT_BASE_MODEL} (the checkpoint names {named}, SDXL base 1.0's file)")
+        return DEFAULT_BASE_MODEL
     log(f"base model: {DEFAULT_BASE_MODEL} (the checkpoint names none; set --pretrained_model_name_or_path to "
         "choose)")
     return DEFAULT_BASE_MODEL

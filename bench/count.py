@@ -191,8 +191,8 @@ def count_variant(name: str, args, fake) -> dict:
             loss.backward()
             phase("optimizer")
             if optimizer is not None:
-                if args.setup == "trainer":
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if args.setup == "trainer":  # foreach, as torch picks for CUDA tensors (here: CPU fakes)
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             elif extras.get("no_optimizer"):

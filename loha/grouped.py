@@ -202,8 +202,7 @@ class _Build:
         the whole stack's factors is kept (they would sit through the step: 44 MiB on SDXL's attention)."""
         sl = self.chunks[c]
         with torch.no_grad():
-            k, r = lm.khatri_rao(*self._matrices(sl), self._chunk_coef(sl))
-            return _cast(k, self.math), _cast(r, self.math)
+            return lm.khatri_rao(*self._matrices(sl), self._chunk_coef(sl), dtype=self.math)
 
     @torch.no_grad()
     def _build(self, c, kr=None):

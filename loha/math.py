@@ -95,15 +95,18 @@ def matrices_grads(da, db, a, b, t=None):
             torch.einsum("...ichw,...jc->...ijhw", db, b))
 
 
-def khatri_rao(a, b, coef=1.0):
+def khatri_rao(a, b, coef=1.0, dtype=None):
     """(K, R) with ΔW = K·R, from paired matrices A (…, 2, out, r), B (…, 2, r, in): K (…, out, r²) is
-    coef·(A1 ⊙row A2), R (…, r², in) is B1 ⊙col B2, in the matrices' dtype."""
-    k = (a[..., 0, :, :, None] * a[..., 1, :, None, :]).flatten(-2)
-    if isinstance(coef, torch.Tensor):
-        k = k * coef
-    elif coef != 1.0:
-        k = k * coef
-    return k, (b[..., 0, :, None, :] * b[..., 1, None, :, :]).flatten(-3, -2)
+    coef·(A1 ⊙row A2), R (…, r², in) is B1 ⊙col B2; each product computed in the matrices' precision and
+    written straight into ``dtype`` (default: theirs), rounded once."""
+    dtype = dtype or a.dtype
+    k = a.new_empty((*a.shape[:-3], a.shape[-2], a.shape[-1], a.shape[-1]), dtype=dtype)
+    r = b.new_empty((*b.shape[:-3], b.shape[-2], b.shape[-2], b.shape[-1]), dtype=dtype)
+    torch.mul(a[..., 0, :, :, None], a[..., 1, :, None, :], out=k)
+    torch.mul(b[..., 0, :, None, :], b[..., 1, None, :, :], out=r)
+    if isinstance(coef, torch.Tensor) or coef != 1.0:
+        k.mul_(coef.unsqueeze(-1) if isinstance(coef, torch.Tensor) else coef)
+    return k.flatten(-2), r.flatten(-3, -2)
 
 
 def build(weights, k, r):
@@ -119,14 +122,17 @@ def khatri_rao_mn(g, k, r):
 def khatri_rao_grads(m, n, a, b, coef=1.0, dtype=torch.float32):
     """(∂A, ∂B) in ``dtype`` from (M, N) (``khatri_rao_mn``; n layers, (n, out, r²) and (n, r², in)) for the
     paired matrices A (n, 2, out, r), B (n, 2, r, in) whose ``khatri_rao`` took ``coef``. Sums over r on
-    tensors of r² × (out or in) per layer."""
+    tensors of r² × (out or in) per layer, each written into its half of the result."""
     if isinstance(coef, torch.Tensor) or coef != 1.0:
         m = m * coef  # K carries coef, so ∂(A1 ⊙row A2) = coef·∂K
     m = m.unflatten(-1, (a.shape[-1], a.shape[-1]))  # (n, out, k, l)
     n = n.unflatten(-2, (b.shape[-2], b.shape[-2]))  # (n, k, l, in)
     a1, a2, b1, b2 = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
-    da = torch.stack([(m * a2[:, :, None, :]).sum(-1, dtype=dtype), (m * a1[:, :, :, None]).sum(-2, dtype=dtype)], 1)
-    db = torch.stack([(n * b2[:, None, :, :]).sum(2, dtype=dtype), (n * b1[:, :, None, :]).sum(1, dtype=dtype)], 1)
+    da, db = a.new_empty(a.shape, dtype=dtype), b.new_empty(b.shape, dtype=dtype)
+    torch.sum(m * a2[:, :, None, :], -1, dtype=dtype, out=da[:, 0])
+    torch.sum(m * a1[:, :, :, None], -2, dtype=dtype, out=da[:, 1])
+    torch.sum(n * b2[:, None, :, :], 2, dtype=dtype, out=db[:, 0])
+    torch.sum(n * b1[:, :, None, :], 1, dtype=dtype, out=db[:, 1])
     return da, db
 
 

@@ -238,7 +238,7 @@ def provenance(name: str | None, vae: str | None = None, cache_dir=None) -> dict
 def unreachable_base_note(recorded: str | None, metadata: dict) -> str:
     """What to tell a user whose adapter names a base that is not here: which base it was made for (name, hash)
     and how to pass it."""
-    name = metadata.get("ss_sd_model_name") or (Path(recorded).name if recorded else None)
+    name = Path(recorded).name if recorded else metadata.get("ss_sd_model_name")
     digest = metadata.get("ss_new_sd_model_hash") or metadata.get("ss_sd_model_hash")
     made_for = f"{name}" + (f" (sha256 {digest[:12]}…)" if digest and len(digest) > 12 else
                             f" (hash {digest})" if digest else "")

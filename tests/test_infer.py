@@ -401,9 +401,14 @@ def test_base_model_choice(files, tmp_path, capsys):
     assert infer.base_model_for(args, adapter) == adapter.base_model  # the tiny folder, from metadata
     for named, expected in [("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
                             ("sd_xl_base_1.0.safetensors", infer.DEFAULT_BASE_MODEL),
-                            (str(tmp_path / "gone"), infer.DEFAULT_BASE_MODEL), (None, infer.DEFAULT_BASE_MODEL)]:
+                            (None, infer.DEFAULT_BASE_MODEL)]:
         adapter.metadata["base_model"] = named
         assert infer.base_model_for(args, adapter) == expected
+    # a recorded base that is not here: named, with its hash, and how to pass it (no silent substitute)
+    for named in (str(tmp_path / "gone.safetensors"), "ponyDiffusionV6XL.safetensors"):
+        adapter.metadata.update(base_model=named, ss_new_sd_model_hash="ab" * 32)
+        with pytest.raises(infer.InferError, match=r"made for the base model .*\.safetensors \(sha256 abababab"):
+            infer.base_model_for(args, adapter)
     args = infer.parse_args(["--checkpoint", "x", "--pretrained_model_name_or_path", "my/model"])
     assert infer.base_model_for(args, adapter) == "my/model"
 
@@ -602,4 +607,4 @@ def test_error_base_model_not_found(files, tmp_path):
     missing = str(tmp_path / "no_such_model")
     message = error_of(["--checkpoint", str(files["kohya SGM names"]), "--prompt", "x",
                         "--pretrained_model_name_or_path", missing, "--output_dir", str(tmp_path)])
-    assert "neither a folder here nor a hub id" in message
+    assert "neither a folder here" in message and "hub id" in message
