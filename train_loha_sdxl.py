@@ -45,8 +45,10 @@ from loha import cli as loha_cli
 from loha import data as loha_data
 from loha import fp8 as loha_fp8
 from loha import hub as loha_hub
+from loha import kohya_data as loha_kohya
 from loha import runs as loha_runs
 from loha import sources as loha_sources
+from loha.kohya_data import Dataset, Subset
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -156,11 +158,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a hub dataset id or a local datasets folder; default: none (give this or --train_data_dir)")
     g.add_argument("--dataset_config_name", default=None, help="the dataset's configuration name; default: none")
     g.add_argument("--train_data_dir", default=None,
-                   help="an image folder with metadata.jsonl, or kohya's layout (photo.png + photo.txt); "
-                        "default: none (give this or --dataset_name)")
+                   help="an image folder: kohya's layout (N_name subfolders: N repeats per epoch, 'name' the caption "
+                        "of images without a caption file; a subfolder without the N_ prefix and images beside the "
+                        "subfolders are skipped, as kohya skips them), or plain (photo.png + photo.txt, or "
+                        "metadata.jsonl); default: none (give this, --dataset_name or --dataset_config)")
+    g.add_argument("--reg_data_dir", default=None,
+                   help="regularization (prior-preservation) images in kohya's layout: each epoch draws as many of "
+                        "them as training images, as kohya balances them; default: none")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0,
+                   help="weight of the regularization images' loss (0 removes their influence); default: 1.0")
+    g.add_argument("--dataset_config", default=None,
+                   help="kohya's dataset-config TOML ([general], [[datasets]], [[datasets.subsets]]); its values win "
+                        "over the same flags, which are the defaults of what it leaves unset; default: none")
     g.add_argument("--image_column", default="image", help="dataset column holding the images")
     g.add_argument("--caption_column", default="text", help="dataset column (or metadata key) holding the captions")
-    g.add_argument("--caption_extension", default=".txt", help="caption file suffix in kohya's layout")
+    g.add_argument("--caption_extension", default=".txt",
+                   help="caption file suffix (kohya's default is .caption); default: .txt")
+    g.add_argument("--shuffle_caption", **on_off,
+                   help="shuffle the caption's tags (split by --caption_separator) on every draw; default: off")
+    g.add_argument("--keep_tokens", type=int, default=0,
+                   help="keep the first N tags in place when shuffling or dropping tags; default: 0")
+    g.add_argument("--keep_tokens_separator", default=None,
+                   help="instead of --keep_tokens: the tags before this marker (and after a second one) stay fixed; "
+                        "default: none")
+    g.add_argument("--caption_separator", default=",", help="the separator between tags; default: ,")
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                   help="drop each shufflable tag with this probability on every draw, in [0, 1); default: 0")
+    g.add_argument("--caption_prefix", default=None, help="text put before every caption; default: none")
+    g.add_argument("--caption_suffix", default=None, help="text put after every caption; default: none")
+    g.add_argument("--caption_variants", type=int, default=8,
+                   help="with cached text embeddings, captions that shuffle or drop tags use this many fixed "
+                        "variants each, drawn per step (each is encoded once); without the cache every draw is "
+                        "encoded on the fly; default: 8")
+    g.add_argument("--masked_loss", **on_off,
+                   help="weight the loss by a mask per image (white: learn, black: ignore), the masked mean in "
+                        "latent space: from the image's alpha channel, or from --mask_data_dir; default: off")
+    g.add_argument("--mask_data_dir", default=None,
+                   help="masks with the images' file names (in the image's folder name below it, or at its top), "
+                        "each of its image's size; default: none (the alpha channel)")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="use at most this many samples (a seeded choice); default: all")
     g.add_argument("--resolution", type=int, default=1024,
@@ -168,8 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--center_crop", **on_off, help="crop the center instead of a random crop")
     g.add_argument("--random_flip", **on_off, help="flip each image horizontally with probability 0.5")
     g.add_argument("--enable_bucket", **on_off, help="aspect-ratio buckets (SDXL/kohya style) instead of square crops")
-    g.add_argument("--caption_dropout", type=float, default=0.0,
-                   help="probability of training on the empty prompt instead of the caption (for CFG), in [0, 1)")
+    g.add_argument("--min_bucket_reso", type=int, default=None,
+                   help="smallest bucket side in pixels; default: a quarter of --resolution")
+    g.add_argument("--max_bucket_reso", type=int, default=None,
+                   help="largest bucket side in pixels; default: twice --resolution")
+    g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this; default: 64")
+    g.add_argument("--caption_dropout", "--caption_dropout_rate", type=float, default=0.0,
+                   help="probability of training on the empty prompt instead of the caption (for CFG), in [0, 1); "
+                        "kohya's --caption_dropout_rate; default: 0")
     g.add_argument("--cache_latents", **on_off, help="encode every image once and keep the latents on disk")
     g.add_argument("--cache_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="keep prompt embeddings on disk; default: on whenever the text encoders are frozen")
@@ -296,8 +337,20 @@ def check_args(args):
         if not ok:
             raise LoHaError(message)
 
-    need((args.dataset_name is None) != (args.train_data_dir is None),
-         "give exactly one of --dataset_name and --train_data_dir")
+    need(sum(x is not None for x in (args.dataset_name, args.train_data_dir, args.dataset_config)) == 1,
+         "give exactly one of --train_data_dir, --dataset_name and --dataset_config")
+    need(args.reg_data_dir is None or args.dataset_config is None,
+         "--reg_data_dir goes into the --dataset_config file (a subset with is_reg = true)")
+    need(args.prior_loss_weight >= 0 and math.isfinite(args.prior_loss_weight),
+         f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}")
+    need(args.keep_tokens >= 0 and args.caption_variants >= 1, "--keep_tokens must be >= 0, --caption_variants >= 1")
+    need(args.caption_separator != "", "--caption_separator must not be empty")
+    need(args.mask_data_dir is None or args.masked_loss, "--mask_data_dir needs --masked_loss")
+    for name in ("min_bucket_reso", "max_bucket_reso"):
+        need(getattr(args, name) is None or getattr(args, name) % args.bucket_reso_steps == 0,
+             f"--{name} must be a multiple of --bucket_reso_steps ({args.bucket_reso_steps})")
+    need(args.bucket_reso_steps >= 8 and args.bucket_reso_steps % 8 == 0,
+         "--bucket_reso_steps must be a positive multiple of 8")
     step = 64 if args.enable_bucket else 8
     need(args.resolution >= step and args.resolution % step == 0,
          f"--resolution must be a positive multiple of {step}{' with --enable_bucket' if step == 64 else ''}, "
@@ -314,7 +367,7 @@ def check_args(args):
         need(getattr(args, name) is None or getattr(args, name) >= 1, f"--{name} must be >= 1")
     for name in ("lr_warmup_steps", "dataloader_num_workers", "noise_offset"):
         need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("caption_dropout", "rank_dropout", "module_dropout"):
+    for name in ("caption_dropout", "caption_tag_dropout_rate", "rank_dropout", "module_dropout"):
         need(0 <= getattr(args, name) < 1, f"--{name} must be in [0, 1), got {getattr(args, name)}")
     need(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be > 0, got {args.snr_gamma}")
     need(args.max_grad_norm > 0, f"--max_grad_norm must be > 0, got {args.max_grad_norm}")
@@ -335,13 +388,13 @@ def check_args(args):
     need(re.fullmatch(r"[\w.+-]+", args.output_name) is not None,
          f"--output_name must be a plain file name, got {args.output_name!r}")
     local = args.dataset_name if args.dataset_name and Path(args.dataset_name).is_dir() else None
-    data = args.train_data_dir or local
-    if data:
-        out, src = Path(args.output_dir).resolve(), Path(data).resolve()
-        need(not (out == src or src in out.parents or out in src.parents),
-             f"--output_dir {args.output_dir} {'is' if out == src else 'overlaps'} the training data folder {data}: "
-             "its model card, samples and checkpoints would land among the training images; choose a folder "
-             "outside it")
+    for data in (args.train_data_dir or local, args.reg_data_dir):
+        if data:
+            out, src = Path(args.output_dir).resolve(), Path(data).resolve()
+            need(not (out == src or src in out.parents or out in src.parents),
+                 f"--output_dir {args.output_dir} {'is' if out == src else 'overlaps'} the image folder {data}: "
+                 "its model card, samples and checkpoints would land among the training images; choose a folder "
+                 "outside it")
     if args.cache_text_embeddings is None:
         args.cache_text_embeddings = not args.train_text_encoder
     if args.feature_cache_dir is None:
@@ -556,28 +609,87 @@ class TrainingData:
     samples: list  # loha.data.CheckedSample, in index order
     skipped: list  # (name, reason)
     cache: loha_data.FeatureCache
+    datasets: list  # loha.kohya_data.Dataset: the subsets with their resolution and batch size
     dataset: torch.utils.data.Dataset | None = None
 
 
-def load_training_data(args, accelerator) -> TrainingData:
-    """Find the samples, decode each image once (skipping broken ones), and sort them into buckets."""
+def default_subset(args) -> Subset:
+    """The caption and augmentation rules the flags give every image (a dataset-config TOML's values win)."""
+    return Subset(caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption,
+                  keep_tokens=args.keep_tokens, keep_tokens_separator=args.keep_tokens_separator,
+                  caption_separator=args.caption_separator, caption_prefix=args.caption_prefix,
+                  caption_suffix=args.caption_suffix, caption_dropout_rate=args.caption_dropout,
+                  caption_tag_dropout_rate=args.caption_tag_dropout_rate, flip_aug=args.random_flip)
+
+
+def kohya_datasets(args) -> list[Dataset]:
+    """The run's datasets: a --dataset_config TOML's; or one, at --resolution and --train_batch_size, of the
+    --train_data_dir's N_name folders (kohya's layout) or of its listed images (a plain folder, metadata.jsonl,
+    --dataset_name: a subset with image_dir None), plus --reg_data_dir's."""
+    defaults = default_subset(args)
+    sizes = dict(resolution=args.resolution, batch_size=args.train_batch_size, enable_bucket=args.enable_bucket,
+                 min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
+                 bucket_reso_steps=args.bucket_reso_steps)
+    if args.dataset_config:
+        cli = {**dataclasses.asdict(defaults), "image_dir": None, "class_tokens": None, **sizes}
+        datasets, overridden = loha_kohya.read_config(args.dataset_config, cli)
+        if overridden:
+            print(f"note: --dataset_config {args.dataset_config} sets " + ", ".join(
+                f"{k} {v} (the flags say {f})" for k, (v, f) in overridden.items()) + ": the file wins, as in kohya",
+                file=sys.stderr)
+        subsets = [s for d in datasets for s in d.subsets]
+        loha_kohya.check_no_overlap([s.image_dir for s in subsets if not s.is_reg],
+                                    [s.image_dir for s in subsets if s.is_reg])
+        return datasets
+    train = None
     if args.train_data_dir:
-        samples = loha_data.samples_from_folder(args.train_data_dir, args.caption_column, args.caption_extension)
-    else:
-        folder = Path(args.dataset_name)
-        image_folder = folder if folder.is_dir() and not is_saved_dataset(folder) else None
-        samples = loha_data.samples_from_dataset(load_hf_dataset(args), args.image_column, args.caption_column,
-                                                 root=image_folder)
+        train = loha_kohya.folder_subsets(args.train_data_dir, is_reg=False, defaults=defaults,
+                                          what="--train_data_dir")
+    reg = []
+    if args.reg_data_dir:
+        if args.train_data_dir:
+            loha_kohya.check_no_overlap([args.train_data_dir], [args.reg_data_dir])
+        reg = loha_kohya.folder_subsets(args.reg_data_dir, is_reg=True, defaults=defaults,
+                                        what="--reg_data_dir") or [dataclasses.replace(
+                                            defaults, image_dir=args.reg_data_dir, is_reg=True)]
+    return [Dataset(subsets=tuple((train or [defaults]) + reg), **sizes)]
+
+
+def listed_samples(args) -> list:
+    """The samples of a plain --train_data_dir (metadata.jsonl, or images with caption files) or --dataset_name."""
+    if args.train_data_dir:
+        return loha_data.samples_from_folder(args.train_data_dir, args.caption_column, args.caption_extension)
+    folder = Path(args.dataset_name)
+    image_folder = folder if folder.is_dir() and not is_saved_dataset(folder) else None
+    return loha_data.samples_from_dataset(load_hf_dataset(args), args.image_column, args.caption_column,
+                                          root=image_folder)
+
+
+def load_training_data(args, accelerator) -> TrainingData:
+    """Find the samples of every subset, decode each image once (skipping broken ones), find masks, count each
+    image's draws per epoch (repeats, regularization balance) and sort them into buckets."""
+    datasets = kohya_datasets(args)
+    samples = []
+    for d, dataset in enumerate(datasets):
+        for subset in dataset.subsets:
+            if subset.image_dir is None:
+                for s in listed_samples(args):
+                    samples.append(dataclasses.replace(s, index=len(samples), subset=subset, dataset=d))
+            else:
+                samples += loha_data.samples_from_subset(subset, d, start=len(samples))
     samples = loha_data.select_samples(samples, args.max_train_samples, args.seed)
     report = loha_data.check_samples(samples, progress=progress_bar(accelerator, "checking images"))
     if report.skipped and accelerator.is_main_process:
         print(f"warning: skipped {len(report.skipped)} of {len(samples)} samples: "
               + "; ".join(f"{name} ({why})" for name, why in report.skipped[:10])
               + (" ..." if len(report.skipped) > 10 else ""), file=sys.stderr)
-    if not report.good:
+    if not [c for c in report.good if not c.sample.subset.is_reg]:
         raise LoHaError(f"no usable training images: all {len(samples)} samples were skipped")
-    loha_data.assign_buckets(report.good, args.resolution, args.enable_bucket)
-    return TrainingData(report.good, report.skipped, loha_data.FeatureCache(args.feature_cache_dir))
+    if args.masked_loss and args.mask_data_dir:
+        loha_data.find_masks(report.good, args.mask_data_dir)
+    loha_data.assign_draws(report.good)
+    loha_data.assign_buckets(report.good, args.resolution, args.enable_bucket, datasets)
+    return TrainingData(report.good, report.skipped, loha_data.FeatureCache(args.feature_cache_dir), datasets)
 
 
 def is_saved_dataset(name) -> bool:
@@ -606,22 +718,26 @@ def load_hf_dataset(args):
 
 
 class SDXLTrainingSet(torch.utils.data.Dataset):
-    """Items are addressed as (position, epoch): the epoch picks the crop, flip and caption."""
+    """Items are addressed as (position, epoch, draw): the epoch and the draw (which of its repeats this is) pick
+    the crop, flip, caption and noise."""
 
     def __init__(self, data: TrainingData, models: Models, args):
         self.samples, self.cache = data.samples, data.cache
         self.vae_id, self.text_id = models.vae_id, models.text_id
-        self.seed, self.center_crop, self.random_flip = args.seed, args.center_crop, args.random_flip
-        self.caption_dropout = args.caption_dropout
+        self.seed, self.center_crop = args.seed, args.center_crop
         self.cache_latents, self.cache_text = args.cache_latents, args.cache_text_embeddings
+        self.variants = args.caption_variants if args.cache_text_embeddings else None
+        self.prior_loss_weight, self.masked = args.prior_loss_weight, args.masked_loss
+        self.mask_from_alpha = args.masked_loss and not args.mask_data_dir
 
     def __len__(self):
         return len(self.samples)
 
-    def augmentation(self, sample, epoch):
+    def augmentation(self, sample, epoch, draw=0):
         # Cached latents fix one crop/flip per image (the epoch-0 choice): that is what the cache holds.
-        epoch = 0 if self.cache_latents else epoch
-        return loha_data.choose_augmentation(self.seed, epoch, sample.index, self.center_crop, self.random_flip)
+        epoch, draw = (0, 0) if self.cache_latents else (epoch, draw)
+        return loha_data.choose_augmentation(self.seed, epoch, sample.index, self.center_crop,
+                                             sample.sample.subset.flip_aug, draw)
 
     def latent_key(self, sample, aug) -> str:
         return loha_data.content_key("latents", sample.index, sample.sha256, sample.bucket,
@@ -631,19 +747,29 @@ class SDXLTrainingSet(torch.utils.data.Dataset):
         return loha_data.content_key("text", caption, self.text_id)
 
     def captions(self):
-        """Every caption the run can use (each of a list, and the empty prompt when dropout is on)."""
-        found = {""} if self.caption_dropout > 0 else set()
+        """Every caption the run can use: each of a list under its subset's rules (its N variants when they
+        shuffle or drop tags), and the empty prompt where captions drop out."""
+        found = set()
         for s in self.samples:
-            found.update([s.sample.caption] if isinstance(s.sample.caption, str) else s.sample.caption)
+            subset = s.sample.subset
+            if subset.caption_dropout_rate > 0:
+                found.add("")
+            for text in [s.sample.caption] if isinstance(s.sample.caption, str) else s.sample.caption:
+                if subset.varies:
+                    found.update(loha_data.caption_variant(text, subset, self.seed, v) for v in range(self.variants))
+                else:
+                    found.add(loha_kohya.process_caption(text, subset, None))
         return sorted(found)
 
     def __getitem__(self, key):
-        position, epoch = key
+        position, epoch, draw = key
         sample = self.samples[position]
-        aug = self.augmentation(sample, epoch)
+        subset = sample.sample.subset
+        aug = self.augmentation(sample, epoch, draw)
         caption = loha_data.choose_caption(sample.sample.caption, self.seed, epoch, sample.index,
-                                           self.caption_dropout)
-        item = {"index": sample.index, "epoch": epoch}
+                                           subset.caption_dropout_rate, draw, subset, self.variants)
+        item = {"index": sample.index, "epoch": epoch, "draw": draw,
+                "loss_weight": self.prior_loss_weight if subset.is_reg else 1.0}
         if self.cache_latents:
             item["latent_params"] = self._cached("latents", self.latent_key(sample, aug), sample.sample.name)["params"]
             time_ids = loha_data.crop_geometry(sample.width, sample.height, sample.bucket, aug)[2]
@@ -654,6 +780,8 @@ class SDXLTrainingSet(torch.utils.data.Dataset):
                     sample.sample.read_bytes(), sample.bucket, aug)
             except Exception as e:  # it decoded when checked: the file changed during the run
                 raise LoHaError(f"{sample.sample.name} can no longer be read: {e}") from None
+        if self.masked:
+            item["mask"] = loha_data.mask_tensor(sample, aug, from_alpha=self.mask_from_alpha or subset.alpha_mask)
         if self.cache_text:
             cached = self._cached("text", self.text_key(caption), repr(caption))
             item["prompt_embeds"], item["pooled"] = cached["prompt_embeds"], cached["pooled"]
@@ -682,7 +810,7 @@ def cache_features(data: TrainingData, models: Models, args, accelerator):
     data.dataset = dataset = SDXLTrainingSet(data, models, args)
     with accelerator.main_process_first():
         if args.cache_latents:
-            todo = [(s, dataset.augmentation(s, 0)) for s in data.samples]
+            todo = [(s, dataset.augmentation(s, 0, 0)) for s in data.samples]
             todo = [(s, aug, dataset.latent_key(s, aug)) for s, aug in todo]
             todo = [t for t in todo if not data.cache.has("latents", t[2], ("params",))]
             for sample, aug, key in progress_bar(accelerator, "caching latents")(todo):
@@ -711,28 +839,46 @@ def progress_bar(accelerator, description):
 
 
 # ===================================================================================== the plan
+def global_batches(data: TrainingData, processes: int) -> dict[int, int]:
+    """Each dataset's global batch: its batch size on every process."""
+    return {d: dataset.batch_size * processes for d, dataset in enumerate(data.datasets)}
+
+
 def schedule_of(data: TrainingData, args, processes: int) -> tuple[int, int, int, int]:
     """(batches per epoch, optimizer updates per epoch, total updates, epochs)."""
-    batches = len(loha_data.epoch_batches(data.samples, args.train_batch_size * processes, args.seed, 0))
+    batches = len(loha_data.epoch_batches(data.samples, global_batches(data, processes), args.seed, 0))
     updates = math.ceil(batches / args.gradient_accumulation_steps)
     total = args.max_train_steps or args.num_train_epochs * updates
     return batches, updates, total, math.ceil(total / updates)
 
 
 def print_plan(data: TrainingData, args, accelerator):
-    """What the run will do, before anything loads: images, buckets, batches, epochs and steps."""
+    """What the run will do, before anything loads: per folder its images, repeats and draws per epoch (the
+    regularization images' after kohya's balance), the buckets with their counts, batches, epochs and steps."""
     if not accelerator.is_main_process:
         return
     batches, updates, total, epochs = schedule_of(data, args, accelerator.num_processes)
-    buckets = {}
-    for sample in data.samples:
-        buckets[sample.bucket] = buckets.get(sample.bucket, 0) + 1
-    lines = [f"plan: {len(data.samples)} training images",
-             "  buckets (width x height: images): "
-             + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())),
-             f"  {batches} batches of {args.train_batch_size} x {accelerator.num_processes} process(es) per epoch, "
-             f"{updates} updates per epoch (accumulating {args.gradient_accumulation_steps}); {epochs} epochs, "
-             f"{total} steps"]
+    folders, buckets = {}, {}
+    for c in data.samples:
+        subset = c.sample.subset
+        row = folders.setdefault((c.sample.dataset, subset.name, subset.is_reg, subset.num_repeats), [0, 0])
+        row[0] += 1
+        row[1] += c.draws
+        buckets[c.bucket] = buckets.get(c.bucket, 0) + c.draws
+    train = sum(c.draws for c in data.samples if not c.sample.subset.is_reg)
+    reg = sum(c.draws for c in data.samples if c.sample.subset.is_reg)
+    lines = [f"plan: {sum(1 for c in data.samples if not c.sample.subset.is_reg)} training images, {train} draws "
+             f"per epoch" + (f"; {reg} regularization draws per epoch (loss weight {args.prior_loss_weight:g})"
+                             if reg else "")]
+    for (d, name, is_reg, repeats), (images, draws) in folders.items():
+        what = "regularization" if is_reg else "training"
+        lines.append(f"  {name}: {images} {what} images x {repeats} repeats = {draws} draws per epoch"
+                     + (f" (dataset {d + 1}: {data.datasets[d].resolution}px, batch {data.datasets[d].batch_size})"
+                        if len(data.datasets) > 1 else ""))
+    lines += ["  buckets (width x height: draws per epoch): "
+              + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())),
+              f"  {batches} batches per epoch on {accelerator.num_processes} process(es), {updates} updates per epoch "
+              f"(accumulating {args.gradient_accumulation_steps}); {epochs} epochs, {total} steps"]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -787,7 +933,7 @@ def describe_estimate(estimate: dict, args, data: TrainingData) -> str:
     split = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate["split"].items() if v)
     return (f"estimated peak GPU memory: {estimate['bytes'] / 2**30:.2f} GiB ({split}; plus about "
             f"{loha.memory.GPU_OVERHEAD_BYTES / 2**30:.1f} GiB of CUDA workspaces) for a step at the largest bucket "
-            f"{w}x{h}, batch {args.train_batch_size}, {precision}, "
+            f"{w}x{h}, batch {estimate['batch']}, {precision}, "
             f"base weights {'fp8' if args.base_precision == 'fp8' else 'in the compute dtype'}, "
             f"{args.preset or (args.target_modules and 'custom targets') or loha.DEFAULT_PRESET} rank {args.rank}, "
             f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, latents "
@@ -838,7 +984,7 @@ def check_fit(data: TrainingData, args, accelerator):
 ESTIMATE_FLAGS = ("preset", "target_modules", "rank", "alpha", "conv_rank", "conv_alpha", "use_tucker",
                   "loha_forward_mode", "train_text_encoder", "gradient_checkpointing", "cache_latents",
                   "cache_text_embeddings", "base_precision", "train_batch_size", "pretrained_vae_model_name_or_path",
-                  "rank_dropout", "module_dropout", "use_8bit_adam", "snr_gamma", "prediction_type")
+                  "rank_dropout", "module_dropout", "use_8bit_adam", "snr_gamma", "prediction_type", "masked_loss")
 
 
 def estimate_peak(args, data: TrainingData, mixed_precision: str) -> dict:
@@ -847,7 +993,7 @@ def estimate_peak(args, data: TrainingData, mixed_precision: str) -> dict:
     GPU's rules (loha.memory). Cached by configuration: a first estimate of SDXL takes tens of seconds of CPU."""
     source = base_source(args)
     configs = loha_sources.component_configs(source)
-    bucket = largest_bucket(data)
+    bucket = (largest_bucket(data), max(d.batch_size for d in data.datasets))  # an upper bound with several datasets
     settings = {k: getattr(args, k) for k in ESTIMATE_FLAGS}
     key = loha_data.content_key("estimate", bucket, mixed_precision, settings, loha.__version__, torch.__version__,
                                 {k: v if isinstance(v, dict) else v.to_dict() for k, v in configs.items()})
@@ -858,7 +1004,7 @@ def estimate_peak(args, data: TrainingData, mixed_precision: str) -> dict:
         except (OSError, ValueError):
             pass
     peak = fake_step_peak(args, configs, source, bucket, mixed_precision)
-    result = {**peak.as_dict(), "bucket": list(bucket), "precision": mixed_precision}
+    result = {**peak.as_dict(), "bucket": list(bucket[0]), "batch": bucket[1], "precision": mixed_precision}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         loha.atomic_write_bytes(cache, json.dumps(result).encode())
@@ -875,8 +1021,7 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
-    w, h = bucket
-    batch_size = args.train_batch_size
+    (w, h), batch_size = bucket
     with contextlib.ExitStack() as stack:
         stack.enter_context(internals.fake_mode())
         stack.enter_context(loha.memory.fake_moves())
@@ -905,7 +1050,10 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
         for model in trained.values():
             model.train()
             autocast_forward(model, weight_dtype)
-        batch = {"index": list(range(batch_size)), "epoch": [0] * batch_size, "time_ids": torch.zeros(batch_size, 6)}
+        batch = {"index": list(range(batch_size)), "epoch": [0] * batch_size, "draw": [0] * batch_size,
+                 "loss_weight": [1.0] * batch_size, "time_ids": torch.zeros(batch_size, 6)}
+        if args.masked_loss:
+            batch["mask"] = torch.ones(batch_size, 1, h // 8, w // 8)
         if args.cache_latents:
             batch["latent_params"] = torch.zeros(batch_size, 2 * configs["vae"]["latent_channels"], h // 8, w // 8)
         else:
@@ -1068,13 +1216,18 @@ RESUME_FIXED = {
     "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant", "dataset_name",
     "dataset_config_name", "train_data_dir", "image_column", "caption_column", "caption_extension",
     "max_train_samples", "resolution", "center_crop", "random_flip", "enable_bucket", "caption_dropout",
+    "reg_data_dir", "prior_loss_weight", "dataset_config", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+    "caption_separator", "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "caption_variants",
+    "masked_loss", "mask_data_dir", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "config",
+    "zero_terminal_snr",
     "cache_latents", "preset", "target_modules", "rank", "alpha", "conv_rank", "conv_alpha", "use_tucker",
     "rank_dropout", "module_dropout", "loha_forward_mode", "train_text_encoder", "prediction_type", "snr_gamma",
     "noise_offset", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "mixed_precision", "seed", "num_processes"}
 RESUME_ADJUSTABLE = {
-    "max_train_steps", "num_train_epochs", "max_grad_norm", "gradient_checkpointing", "allow_tf32", "compile",
+    "base_precision", "max_train_steps", "num_train_epochs", "max_grad_norm", "gradient_checkpointing", "allow_tf32",
+    "compile",
     "compile_mode", "compile_backend", "cache_text_embeddings", "feature_cache_dir", "dataloader_num_workers",
     "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
     "validation_steps", "num_validation_inference_steps", "report_to", "logging_dir", "output_name",
@@ -1320,11 +1473,11 @@ def remaining_windows(run: Run, args):
 
 
 def epoch_windows(run: Run, args, epoch: int) -> list[list[list[tuple[int, int]]]]:
-    """This process's batches for ``epoch``, grouped into accumulation windows; items are (position, epoch)."""
+    """This process's batches for ``epoch``, grouped into accumulation windows; items are (position, epoch, draw)."""
     acc = run.accelerator
-    global_batch = args.train_batch_size * acc.num_processes
-    batches = loha_data.epoch_batches(run.data.samples, global_batch, args.seed, epoch)
-    mine = [[(pos, epoch) for pos in loha_data.share_of_batch(b, acc.process_index, acc.num_processes)]
+    batches = loha_data.epoch_batches(run.data.samples, global_batches(run.data, acc.num_processes), args.seed,
+                                      epoch)
+    mine = [[(pos, epoch, draw) for pos, draw in loha_data.share_of_batch(b, acc.process_index, acc.num_processes)]
             for b in batches]
     step = args.gradient_accumulation_steps
     return [mine[i:i + step] for i in range(0, len(mine), step)]
@@ -1356,11 +1509,11 @@ def train_one_update(run: Run, args, batches: list[dict]) -> tuple[bool, float]:
 
 
 def draw_noise(args, batch, latent_shape, num_train_timesteps):
-    """Per sample, from a generator seeded by (seed, epoch, index): timestep, noise, and the latent's
+    """Per sample, from a generator seeded by (seed, epoch, index, draw): timestep, noise, and the latent's
     own sampling noise. Independent of batch size, process count and resume point."""
     timesteps, noise, latent_eps = [], [], []
-    for index, epoch in zip(batch["index"], batch["epoch"]):
-        g = loha_data.torch_generator_for(args.seed, epoch, index, "noise")
+    for index, epoch, draw in zip(batch["index"], batch["epoch"], batch["draw"]):
+        g = loha_data.torch_generator_for(args.seed, epoch, index, draw, "noise")
         timesteps.append(torch.randint(0, num_train_timesteps, (), generator=g))
         n = torch.randn(latent_shape, generator=g)
         if args.noise_offset:  # a per-channel shift: lets the model learn very dark/bright images
@@ -1399,10 +1552,22 @@ def training_loss(run: Run, args, batch) -> torch.Tensor:
         target = noise
     else:
         target = scheduler.get_velocity(latents, noise, timesteps)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = masked_mean(per_element, batch["mask"].to(device)) if "mask" in batch else \
+        per_element.mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, args.snr_gamma)
+    if "loss_weight" in batch:  # regularization images: --prior_loss_weight
+        per_sample = per_sample * torch.tensor(batch["loss_weight"], device=device, dtype=per_sample.dtype)
     return per_sample.mean()
+
+
+def masked_mean(per_element: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample Σ loss·mask / (channels · Σ mask), the mask (B, 1, h, w) shared by the latent's channels; an
+    all-black mask gives 0, and no gradient at all."""
+    weight = mask.sum(dim=(1, 2, 3)) * per_element.shape[1]
+    total = (per_element * mask).sum(dim=(1, 2, 3))
+    return torch.where(weight > 0, total / weight.clamp_min(torch.finfo(weight.dtype).tiny), torch.zeros_like(total))
 
 
 def min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
@@ -1574,16 +1739,55 @@ def save_final_outputs(run: Run, args):
                               text_encoder_2=unwrapped.get("text_encoder_2"), base_model=base,
                               naming=args.kohya_naming, preset=args.preset or (
                                   None if args.target_modules else loha.DEFAULT_PRESET),
-                              metadata={"ss_steps": run.global_step, "ss_resolution": args.resolution,
-                                        "ss_training_comment": trigger_prompt(run, args),
-                                        **loha_sources.provenance(base, args.pretrained_vae_model_name_or_path,
-                                                                  args.feature_cache_dir)})
+                              metadata=kohya_metadata(run, args))
             loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings(args), indent=2).encode())
             loha.atomic_write_bytes(out / "README.md", model_card(run, args).encode())
         except OSError as e:
             raise LoHaError(f"could not write the final outputs to {out}: {e.strerror or e}; the latest checkpoint "
                             f"({run.last_checkpoint or 'none'}) is intact") from None
     validate(run, args)  # the final adapter's images (unless the last step just made them)
+
+
+def kohya_metadata(run: Run, args) -> dict[str, str]:
+    """The training metadata kohya writes (same keys, same value formats: str() of the value, JSON for the
+    tables), which AUTOMATIC1111's and Forge's LoRA cards and civitai read; and the base model's provenance."""
+    folders, reg_folders, captions = {}, {}, {}
+    for c in run.data.samples:
+        subset = c.sample.subset
+        table = reg_folders if subset.is_reg else folders
+        entry = table.setdefault(subset.name, {"n_repeats": subset.num_repeats, "img_count": 0})
+        entry["img_count"] += 1
+        caption = c.sample.caption
+        captions.setdefault(subset.name, []).append(caption if isinstance(caption, str) else caption[0])
+    first = run.data.datasets[0]
+    optimizer = type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer)
+    values = {
+        "ss_output_name": args.output_name, "ss_learning_rate": args.learning_rate, "ss_unet_lr": args.learning_rate,
+        "ss_text_encoder_lr": args.learning_rate if args.train_text_encoder else None,
+        "ss_num_train_images": sum(e["n_repeats"] * e["img_count"] for e in folders.values()),
+        "ss_num_reg_images": sum(e["n_repeats"] * e["img_count"] for e in reg_folders.values()),
+        "ss_num_batches_per_epoch": run.batches_per_epoch, "ss_num_epochs": run.num_epochs,
+        "ss_steps": run.global_step, "ss_epoch": math.ceil(run.global_step / run.updates_per_epoch),
+        "ss_max_train_steps": run.max_train_steps, "ss_gradient_checkpointing": args.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": args.gradient_accumulation_steps, "ss_lr_scheduler": args.lr_scheduler,
+        "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_mixed_precision": run.accelerator.mixed_precision,
+        "ss_optimizer": f"{optimizer.__module__}.{optimizer.__name__}", "ss_max_grad_norm": args.max_grad_norm,
+        "ss_resolution": str((first.resolution, first.resolution)), "ss_seed": args.seed,
+        "ss_batch_size_per_device": first.batch_size, "ss_cache_latents": args.cache_latents,
+        "ss_enable_bucket": first.enable_bucket, "ss_min_bucket_reso": first.min_bucket_reso,
+        "ss_max_bucket_reso": first.max_bucket_reso, "ss_shuffle_caption": args.shuffle_caption,
+        "ss_keep_tokens": args.keep_tokens, "ss_caption_dropout_rate": args.caption_dropout,
+        "ss_caption_tag_dropout_rate": args.caption_tag_dropout_rate, "ss_flip_aug": args.random_flip,
+        "ss_prior_loss_weight": args.prior_loss_weight, "ss_min_snr_gamma": args.snr_gamma,
+        "ss_noise_offset": args.noise_offset, "ss_zero_terminal_snr": args.zero_terminal_snr,
+        "ss_fp8_base": args.base_precision == "fp8", "ss_training_comment": trigger_prompt(run, args),
+        "ss_dataset_dirs": json.dumps(folders), "ss_reg_dataset_dirs": json.dumps(reg_folders),
+        "ss_tag_frequency": json.dumps(loha_kohya.tag_frequency(captions)),
+    }
+    out = {k: str(v) for k, v in values.items()}
+    out.update(loha_sources.provenance(recorded_base(args), args.pretrained_vae_model_name_or_path,
+                                       args.feature_cache_dir))
+    return out
 
 
 def trigger_prompt(run: Run, args) -> str:

@@ -162,7 +162,7 @@ def count_variant(name: str, args, fake) -> dict:
         if args.base_precision == "fp8":
             from loha.fp8 import store_fp8
 
-            store_fp8(unet)
+            store_fp8(unet.requires_grad_(False))
         lora_rank = args.rank if args.setup == "anchor" else 2 * args.rank
         params, extras = bench.add_adapter(name, unet, args.rank, args.preset, conv_rank=args.conv_rank,
                                            lora_rank=lora_rank, peft_init=args.setup == "anchor")

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .formats import atomic_write_bytes
+from .kohya_data import Subset, images_in, process_caption, regularization_repeats
 from .layer import LoHaError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -46,12 +47,15 @@ def torch_generator_for(*keys) -> torch.Generator:
 # ---------------------------------------------------------------------------------------- samples
 @dataclass
 class Sample:
-    """One training example before its image is checked: where its bytes come from and its caption."""
+    """One training example before its image is checked: where its bytes come from, its caption, and the kohya
+    subset (folder, repeats, caption rules) and dataset (resolution, batch size) it belongs to."""
     index: int
     name: str
     caption: object  # a str, or a list of str (one is picked per epoch)
     path: Path | None = None  # a file, or...
     row: dict | None = None  # ...a datasets Image(decode=False) value with embedded "bytes"
+    subset: Subset = field(default_factory=Subset)
+    dataset: int = 0
 
     def read_bytes(self) -> bytes:
         if self.path is not None:
@@ -90,6 +94,32 @@ def samples_from_folder(data_dir, caption_column: str = "text", caption_extensio
             raise LoHaError(f"{metadata.name if metadata.is_file() else 'data folder'}: entry {name!r} points "
                             f"outside {root}; refused (copy the image into the folder)")
         samples.append(Sample(i, str(name), caption, path=path))
+    return samples
+
+
+def samples_from_subset(subset: Subset, dataset: int, start: int = 0) -> list[Sample]:
+    """The images directly in a kohya subset's folder, in file-name order; each image's caption from its caption
+    file, else the subset's class tokens. A folder with no image, or an image with neither, is refused."""
+    root = Path(subset.image_dir)
+    if not root.is_dir():
+        raise LoHaError(f"image folder {root} does not exist or is not a folder")
+    images = images_in(root)
+    if not images:
+        raise LoHaError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    resolved, samples = root.resolve(), []
+    for image in images:
+        if not _inside(image.resolve(), resolved):
+            raise LoHaError(f"{image} points outside {root}; refused (copy the image into the folder)")
+        caption_file = image.with_suffix(subset.caption_extension)
+        caption = None
+        if caption_file.is_file() and _inside(caption_file.resolve(), resolved):
+            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() or None
+        caption = caption if caption is not None else subset.class_tokens
+        if caption is None:
+            raise LoHaError(f"{image} has no caption file ({caption_file.name}) and its folder no class tokens; add "
+                            "the caption file, name the folder N_<class tokens>, or set class_tokens")
+        samples.append(Sample(start + len(samples), f"{root.name}/{image.name}", caption, path=image, subset=subset,
+                              dataset=dataset))
     return samples
 
 
@@ -187,12 +217,15 @@ def decode_image(data: bytes) -> Image.Image:
 
 @dataclass
 class CheckedSample:
-    """A sample whose image decoded: its original size (after EXIF rotation) and content hash."""
+    """A sample whose image decoded: its original size (after EXIF rotation) and content hash; how often an
+    epoch draws it (its folder's repeats, or for a regularization image kohya's balance); its mask, if any."""
     sample: Sample
     width: int
     height: int
     sha256: str
     bucket: tuple[int, int] = (0, 0)  # (width, height) it is cropped to
+    draws: int = 1
+    mask: Path | None = None
 
     @property
     def index(self) -> int:
@@ -224,12 +257,64 @@ def check_samples(samples: list[Sample], progress=None) -> ScanReport:
     return report
 
 
+# ------------------------------------------------------------------------------------------- masks
+def find_masks(checked: list[CheckedSample], mask_dir) -> None:
+    """For masked loss from ``mask_dir``: each training image's mask, the file with its name (any image
+    suffix) in ``mask_dir/<its folder>/`` or ``mask_dir/``, of the image's size. Regularization images without
+    one learn everywhere. A missing mask or one of another size is refused in one line."""
+    root = Path(mask_dir)
+    if not root.is_dir():
+        raise LoHaError(f"--mask_data_dir {root} does not exist or is not a folder")
+    for c in checked:
+        stem = Path(c.sample.name).stem
+        folders = [root / Path(c.sample.name).parent, root]
+        found = next((f for folder in folders for f in sorted(folder.glob(f"{stem}.*"))
+                      if f.suffix.lower() in IMAGE_SUFFIXES), None)
+        if found is None:
+            if c.sample.subset.is_reg:
+                continue
+            raise LoHaError(f"--mask_data_dir {root} has no mask for {c.sample.name} (expected {stem}.png or another "
+                            "image with that name)")
+        with Image.open(found) as mask:
+            size = ImageOps.exif_transpose(mask).size
+        if size != (c.width, c.height):
+            raise LoHaError(f"the mask {found} is {size[0]}x{size[1]} but its image {c.sample.name} is "
+                            f"{c.width}x{c.height}; a mask must have its image's size")
+        c.mask = found
+
+
+def mask_tensor(sample: CheckedSample, aug, latent_factor: int = 8, from_alpha: bool = False) -> torch.Tensor:
+    """The sample's mask (1, h/8, w/8) in [0, 1] (white: learn), resized, cropped and flipped exactly as its image
+    and averaged over each latent pixel's 8×8 block (the latent-space loss it weights). From its mask file, or
+    its image's alpha channel; ones where it has neither."""
+    image = None
+    if sample.mask is not None:
+        image = ImageOps.exif_transpose(Image.open(sample.mask)).convert("L")
+    elif from_alpha:
+        with Image.open(io.BytesIO(sample.sample.read_bytes())) as source:
+            source = ImageOps.exif_transpose(source)
+            if source.mode in ("RGBA", "LA", "PA") or (source.mode == "P" and "transparency" in source.info):
+                image = source.convert("RGBA").getchannel("A")
+    w, h = sample.bucket
+    if image is None:
+        return torch.ones(1, h // latent_factor, w // latent_factor)
+    size, box, _ = crop_geometry(sample.width, sample.height, sample.bucket, aug)
+    image = image.resize(size, Image.Resampling.BILINEAR).crop(box)
+    if aug.flip:
+        image = ImageOps.mirror(image)
+    mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+    return torch.nn.functional.interpolate(mask, size=(h // latent_factor, w // latent_factor), mode="area")[0]
+
+
 # ----------------------------------------------------------------------------------------- buckets
-def bucket_resolutions(resolution: int, step: int = 64) -> list[tuple[int, int]]:
-    """(width, height) pairs with sides multiple of ``step`` and area <= resolution², from a quarter to
-    twice the resolution per side: SDXL's and kohya's aspect-ratio buckets."""
+def bucket_resolutions(resolution: int, step: int = 64, low: int | None = None,
+                       high: int | None = None) -> list[tuple[int, int]]:
+    """(width, height) pairs with sides multiple of ``step`` and area <= resolution², each side from ``low`` to
+    ``high`` (default: a quarter of the resolution to twice it; kohya's min/max_bucket_reso): SDXL's and kohya's
+    aspect-ratio buckets."""
     area = resolution * resolution
-    low, high = max(step, resolution // 4 // step * step), resolution * 2
+    low = low or max(step, resolution // 4 // step * step)
+    high = high or resolution * 2
     buckets = {(resolution, resolution)}
     for width in range(low, high + 1, step):
         height = min(high, area // width // step * step)
@@ -244,10 +329,33 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 9), -b[0] * b[1]))
 
 
-def assign_buckets(checked: list[CheckedSample], resolution: int, enable_bucket: bool) -> None:
-    buckets = bucket_resolutions(resolution) if enable_bucket else [(resolution, resolution)]
+def assign_buckets(checked: list[CheckedSample], resolution: int, enable_bucket: bool, datasets=None) -> None:
+    """Each sample's bucket: its dataset's (``datasets``, kohya_data.Dataset by index) or these settings."""
+    cache = {}
     for c in checked:
-        c.bucket = nearest_bucket(c.width, c.height, buckets)
+        if datasets is not None:
+            d = datasets[c.sample.dataset]
+            key = (d.resolution, d.enable_bucket, d.bucket_reso_steps, d.min_bucket_reso, d.max_bucket_reso)
+        else:
+            key = (resolution, enable_bucket, 64, None, None)
+        if key not in cache:
+            res, on, step, low, high = key
+            cache[key] = bucket_resolutions(res, step, low, high) if on else [(res, res)]
+        c.bucket = nearest_bucket(c.width, c.height, cache[key])
+
+
+def assign_draws(checked: list[CheckedSample]) -> None:
+    """Each sample's draws per epoch: a training image its folder's repeats; the regularization images of a
+    dataset kohya's balance, as many draws in all as the dataset's training images get."""
+    for d in sorted({c.sample.dataset for c in checked}):
+        mine = [c for c in checked if c.sample.dataset == d]
+        train = sum(c.sample.subset.num_repeats for c in mine if not c.sample.subset.is_reg)
+        reg = [c for c in mine if c.sample.subset.is_reg]
+        for c, n in zip(reg, regularization_repeats(train, [c.sample.subset.num_repeats for c in reg])):
+            c.draws = n
+        for c in mine:
+            if not c.sample.subset.is_reg:
+                c.draws = c.sample.subset.num_repeats
 
 
 # ------------------------------------------------------------------------------ crops and time_ids
@@ -258,8 +366,9 @@ class Augmentation:
     flip: bool
 
 
-def choose_augmentation(seed: int, epoch: int, index: int, center_crop: bool, random_flip: bool) -> Augmentation:
-    rng = rng_for(seed, epoch, index, "augment")
+def choose_augmentation(seed: int, epoch: int, index: int, center_crop: bool, random_flip: bool,
+                        draw: int = 0) -> Augmentation:
+    rng = rng_for(seed, epoch, index, draw, "augment")
     y, x, flip = rng.random(), rng.random(), rng.random() < 0.5
     return Augmentation(0.5 if center_crop else y, 0.5 if center_crop else x, random_flip and flip)
 
@@ -292,29 +401,45 @@ def pixels_and_time_ids(data: bytes, bucket, aug: Augmentation) -> tuple[torch.T
     return pixels.float().div(127.5).sub(1.0), torch.tensor(time_ids, dtype=torch.float32)
 
 
-def choose_caption(caption, seed: int, epoch: int, index: int, dropout: float) -> str:
-    """A random pick from a list of captions; the empty prompt with probability ``dropout``."""
-    rng = rng_for(seed, epoch, index, "caption")
+def choose_caption(caption, seed: int, epoch: int, index: int, dropout: float, draw: int = 0,
+                   subset: Subset | None = None, variants: int | None = None) -> str:
+    """One draw's caption: a random pick from a list of captions; the empty prompt with probability ``dropout``;
+    then the subset's caption rules (prefix/suffix, keep_tokens, shuffle, tag dropout). With ``variants`` N the
+    rules' randomness is one of N fixed draws per caption (what a cache of text embeddings can hold)."""
+    rng = rng_for(seed, epoch, index, draw, "caption")
     picked = caption if isinstance(caption, str) else caption[rng.randrange(len(caption))]
-    return "" if rng.random() < dropout else picked
+    if rng.random() < dropout:
+        return ""
+    if subset is None:
+        return picked
+    if variants and subset.varies:
+        return caption_variant(picked, subset, seed, rng.randrange(variants))
+    return process_caption(picked, subset, rng)
+
+
+def caption_variant(text: str, subset: Subset, seed: int, variant: int) -> str:
+    """Variant ``variant`` of a caption under its subset's rules, the same for every sample with that caption."""
+    return process_caption(text, subset, rng_for(seed, "caption variant", text, variant))
 
 
 # -------------------------------------------------------------------------------------- batch plan
-def epoch_batches(checked: list[CheckedSample], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """This epoch's global batches, as lists of positions in ``checked``. A batch never mixes buckets.
+def epoch_batches(checked: list[CheckedSample], global_batch, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    """This epoch's global batches, as lists of (position in ``checked``, draw): each sample appears once per draw
+    (its repeats). A batch never mixes buckets or datasets. ``global_batch``: one size, or {dataset: size}.
 
-    Shuffled within each bucket, cut into batches of ``global_batch`` (the last of a bucket may be
+    Shuffled within each (dataset, bucket), cut into batches of that dataset's global batch (the last may be
     short), then the batch order is shuffled. Depends only on (seed, epoch), never on the process count.
     """
     rng = rng_for(seed, epoch, "batches")
-    by_bucket: dict[tuple[int, int], list[int]] = {}
+    by_bucket: dict[tuple, list[tuple[int, int]]] = {}
     for pos, c in enumerate(checked):
-        by_bucket.setdefault(c.bucket, []).append(pos)
+        by_bucket.setdefault((c.sample.dataset, c.bucket), []).extend((pos, d) for d in range(c.draws))
     batches = []
-    for bucket in sorted(by_bucket):
-        positions = by_bucket[bucket]
-        rng.shuffle(positions)
-        batches += [positions[i:i + global_batch] for i in range(0, len(positions), global_batch)]
+    for key in sorted(by_bucket):
+        entries = by_bucket[key]
+        size = global_batch if isinstance(global_batch, int) else global_batch[key[0]]
+        rng.shuffle(entries)
+        batches += [entries[i:i + size] for i in range(0, len(entries), size)]
     rng.shuffle(batches)
     return batches
 

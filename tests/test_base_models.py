@@ -209,3 +209,46 @@ def test_a_single_file_without_config_offline_says_to_pass_config(tiny_single_fi
     code = T.main(base_args(tiny_single_file, tmp_path / "o", tmp_path / "c"))
     assert code != 0
     assert "pass --config" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_single_file_vae_and_base_for_inference(tiny_pipeline_dir, tiny_single_file, tmp_path):
+    """--pretrained_vae_model_name_or_path takes a single-file VAE (the LDM layout, read by diffusers); infer.py
+    renders from a single-file base with --config, the image its folder gives."""
+    import numpy as np
+    from PIL import Image
+
+    import infer
+    from loha import checkpoints as ck
+
+    vae = loha.read_safetensors(tiny_single_file)[0]
+    vae_file = tmp_path / "vae.safetensors"
+    safetensors.torch.save_file({k.removeprefix(ck.PREFIX["vae"]): v for k, v in vae.items()
+                                 if k.startswith(ck.PREFIX["vae"])}, str(vae_file))
+    out = tmp_path / "run"
+    assert T.main(base_args(tiny_pipeline_dir, out, tmp_path / "c", "--pretrained_vae_model_name_or_path", vae_file,
+                            steps=1)) == 0
+    images = []
+    for base, extra in ((tiny_single_file, ["--config", str(tiny_pipeline_dir)]), (tiny_pipeline_dir, [])):
+        written = infer.main(["--checkpoint", str(out), "--pretrained_model_name_or_path", str(base), "--prompt", "a",
+                              "--num_inference_steps", "2", "--output_dir", str(tmp_path / f"i{len(images)}"), *extra])
+        images.append(np.asarray(Image.open(written[0])))
+    assert np.array_equal(*images)
+
+
+def test_v_prediction_with_zero_terminal_snr(tiny_pipeline_dir, tmp_path):
+    """--prediction_type v_prediction --zero_terminal_snr: the training scheduler's last timestep has zero SNR
+    (Lin et al. 2023's rescaled betas, as diffusers computes them), the sampler ends on it, and a run trains."""
+    args = T.parse_args(base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", "--prediction_type",
+                                  "v_prediction", "--zero_terminal_snr"))
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(tiny_pipeline_dir, subfolder="scheduler")
+    noise, sampling = T.make_schedulers(config, args)
+    assert noise.config.prediction_type == "v_prediction" and sampling.config.prediction_type == "v_prediction"
+    assert noise.alphas_cumprod[-1].item() == 0.0 and noise.alphas_cumprod[0].item() > 0.99
+    plain, _ = T.make_schedulers(config, T.parse_args(base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c")))
+    assert plain.alphas_cumprod[-1].item() > 0
+    sampling.set_timesteps(4)
+    assert int(sampling.timesteps[0]) == noise.config.num_train_timesteps - 1
+    assert T.main(base_args(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c", "--prediction_type", "v_prediction",
+                            "--zero_terminal_snr", steps=2)) == 0

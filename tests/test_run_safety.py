@@ -303,6 +303,6 @@ def test_output_folder_over_the_training_data_is_refused(tiny_pipeline_dir, tmp_
     before = files(data)
     argv = argv_for(tiny_pipeline_dir, out, tmp_path / "c")
     argv[argv.index("--train_data_dir") + 1] = str(data)
-    line = refused(capsys, argv, "the training data folder", "choose a folder outside it", code=2)
+    line = refused(capsys, argv, "the image folder", "choose a folder outside it", code=2)
     assert files(data) == before
     record(AREA_PATHS, f"--output_dir is {where}", f"exit 2, {line!r}; the data folder untouched")

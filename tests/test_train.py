@@ -351,7 +351,7 @@ def test_loss_falls_when_overfitting_one_batch(tiny_pipeline_dir, tmp_path):
     data = T.load_training_data(args, accelerator)
     T.cache_features(data, models, args, accelerator)
     run = T.prepare_training(models, data, args, accelerator)
-    batches = [T.collate([data.dataset[(0, 0)]])]
+    batches = [T.collate([data.dataset[(0, 0, 0)]])]
     losses = [T.train_one_update(run, args, batches)[1] for _ in range(40)]
     assert all(np.isfinite(losses))
     # The random tiny UNet is frozen outside its attention, so it cannot reach zero; a third off is learning.
@@ -413,8 +413,8 @@ def test_buckets_keep_aspect_and_never_mix():
                                            (320, 192)]
     for epoch in range(3):
         batches = D.epoch_batches(checked, 2, seed=0, epoch=epoch)
-        assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
-        assert all(len({checked[i].bucket for i in b}) == 1 for b in batches)
+        assert sorted(i for b in batches for i, _ in b) == list(range(len(sizes)))  # each once: 1 draw each
+        assert all(len({checked[i].bucket for i, _ in b}) == 1 for b in batches)
     assert D.epoch_batches(checked, 2, 0, 0) != D.epoch_batches(checked, 2, 0, 1)  # reshuffled per epoch
     assert D.share_of_batch([5], rank=1, world=2) == [5] and D.share_of_batch([1, 2, 3, 4], 1, 2) == [2, 4]
 
@@ -548,7 +548,7 @@ def test_bad_dataset_sources(tiny_pipeline_dir, tmp_path, capsys):
     (["--learning_rate", "inf"], "--learning_rate must be in (0, 1]"),
     (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
     (["--train_text_encoder", "--cache_text_embeddings"], "cannot be combined with --cache_text_embeddings"),
-    (["--dataset_name", "x"], "exactly one of --dataset_name and --train_data_dir"),
+    (["--dataset_name", "x"], "exactly one of --train_data_dir, --dataset_name and --dataset_config"),
     (["--caption_dropout", "1.5"], "--caption_dropout must be in [0, 1)"),
     (["--rank", "abc"], "invalid int value"),
     (["--use_8bit_adam"], "needs `pip install bitsandbytes`"),
