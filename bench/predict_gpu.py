@@ -9,10 +9,11 @@ moved bytes / H200_BANDWIDTH (the bytes the launched ops read and write, counted
 the HBM's peak, so that term is the least time those bytes can take), c refitted to the same anchors.
 
     python bench/predict_gpu.py [bench/results/count-sdxl-attn.json] [--json out.json]
-    python bench/predict_gpu.py bench/results/count-sdxl-full.json --fit_on bench/results/count-sdxl-attn.json
+    python bench/predict_gpu.py bench/results/count-sdxl-full.json
 
-The anchors were measured with the attention preset, so another configuration's counts (the full preset,
-where LyCORIS cannot be counted under FakeTensorMode) are predicted with c fitted on ``--fit_on``'s.
+c is fitted on the counts of the anchors' own harness (``--fit_on``, default bench/results/count-sdxl-anchor.json:
+foreach AdamW, as the H200 runs used), by CUDA's rules, and predicts the counts given (the trainer's step;
+another configuration such as the full preset, where LyCORIS cannot be counted under FakeTensorMode).
 """
 
 from __future__ import annotations
@@ -41,25 +42,28 @@ def _extra(counts: dict, measure: str, traffic: bool) -> tuple[dict, dict]:
 
 
 def fit(counts: dict, measure: str, traffic: bool = False, predict: dict | None = None) -> dict:
-    """c (ms per extra op), fitted on ``counts``, and each variant's predicted step (of ``predict``'s
-    variants, default ``counts``'), for ``measure`` "all" or "launched"; with ``traffic``, each variant's
-    extra moved bytes at H200_BANDWIDTH are added first and c fits the rest."""
+    """c (ms per extra op), fitted on ``counts`` (the anchors' harness), its error on each anchor, and each
+    variant's predicted step (of ``predict``'s variants, default ``counts``'), for ``measure`` "all" or
+    "launched"; with ``traffic``, each variant's extra moved bytes at H200_BANDWIDTH are added first and c fits
+    the rest."""
     extra, bytes_ms = _extra(counts, measure, traffic)
     dt = {v: ANCHORS_MS[v] - ANCHORS_MS["floor"] - bytes_ms[v] for v in CALIBRATION}
     c = sum(dt[v] * extra[v] for v in CALIBRATION) / sum(extra[v] ** 2 for v in CALIBRATION)
+    errors = {v: (ANCHORS_MS["floor"] + c * extra[v] + bytes_ms[v]) / ANCHORS_MS[v] - 1
+              for v in ANCHORS_MS if v in extra}
     if predict is not None:
         extra, bytes_ms = _extra(predict, measure, traffic)
     predicted = {v: ANCHORS_MS["floor"] + c * n + bytes_ms[v] for v, n in extra.items()}
-    # the anchors were measured on the fitted configuration: another one's predictions have none to meet
-    errors = {} if predict is not None else {v: predicted[v] / ANCHORS_MS[v] - 1 for v in ANCHORS_MS if v in predicted}
     return {"ms_per_op": c, "predicted_ms": predicted, "traffic_ms": bytes_ms, "error_vs_anchor": errors}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("counts", nargs="?", default=str(Path(__file__).parent / "results" / "count-sdxl-attn.json"))
-    p.add_argument("--fit_on", default=None, help="fit c on these counts (with the anchors' variants) "
-                   "and predict the positional ones")
+    default_fit = Path(__file__).parent / "results" / "count-sdxl-anchor.json"
+    p.add_argument("--fit_on", default=str(default_fit) if default_fit.is_file() else None,
+                   help="fit c on these counts (with the anchors' variants) and predict the positional ones; "
+                        "default: bench/results/count-sdxl-anchor.json, the anchors' own harness")
     p.add_argument("--json", default=None, help="also write the fits here")
     args = p.parse_args(argv)
     fit_path = args.fit_on or args.counts
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     if "floor" not in loaded[args.counts]:
         print(f"error: {args.counts} lacks the floor; count it with bench.py --count", file=sys.stderr)
         return 1
-    predict = loaded[args.counts] if args.fit_on else None
+    predict = loaded[args.counts] if fit_path != args.counts else None
     fits = {name: fit(loaded[fit_path], measure, traffic, predict) for name, (measure, traffic) in FITS.items()}
     print("PREDICTION (not a measurement): H200, SDXL 1024² bf16 bs1, rank 8, from exact op counts"
           + (f" ({args.counts}, c fitted on {fit_path})" if args.fit_on else ""))
@@ -87,8 +91,7 @@ def main(argv=None) -> int:
               f"c = {f['ms_per_op'] * 1000:.1f} µs per extra op"
               + ("; anchors " + ", ".join(f"{v} {e:+.0%}" for v, e in f["error_vs_anchor"].items() if v != "floor")
                  + f" ({HELD_OUT} held out)" if f["error_vs_anchor"] else ""))
-        peft = f["predicted_ms"]["peft-loha"] if args.fit_on else ANCHORS_MS["peft-loha"]
-        label = "predicted" if args.fit_on else "measured"
+        peft, label = ANCHORS_MS["peft-loha"], "measured"
         print(f"| variant | predicted ms | of it, traffic ms | vs floor | vs PEFT LoHa ({label}, {peft:.0f} ms) |")
         print("|---|---|---|---|---|")
         for v, ms in f["predicted_ms"].items():
