@@ -14,7 +14,6 @@ keys. Paths of the written files go to stdout, everything else to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -23,17 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 import loha
 import loha.cli
 import loha.fp8
 import loha.hub
+import loha.sampling
 import loha.sources
 from loha.formats import COMPONENTS, PEFT_CONFIG, PEFT_WEIGHTS
+from loha.sampling import SAMPLERS, make_scheduler, png_parameters, render
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM")  # AUTOMATIC1111's names
 
 
 class InferError(Exception):
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pixels, a multiple of 8; default: the base model's own size (SDXL base: 1024; the demo's "
                             "tiny model: 64)")
     p.add_argument("--scheduler", default="Euler", type=scheduler_name,
-                   help=f"one of {', '.join(SCHEDULERS)} (case and _/- do not matter)")
+                   help=f"one of {', '.join(SAMPLERS)} (case and _/- do not matter)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="auto: CUDA, else MPS, else CPU")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
@@ -93,11 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def scheduler_name(text: str) -> str:
-    key = lambda s: re.sub(r"[\s_-]+", " ", s.lower().replace("dpmpp", "dpm++")).strip()
-    for name in SCHEDULERS:
-        if key(text) == key(name):
-            return name
-    raise argparse.ArgumentTypeError(f"unknown scheduler {text!r}; choose from {', '.join(SCHEDULERS)}")
+    try:
+        return loha.sampling.sampler_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("sampler", "scheduler", 1)) from None
 
 
 def check_args(args) -> list[str]:
@@ -239,72 +238,7 @@ def load_pipeline(base_model: str, vae: str | None, dtype: torch.dtype, config: 
     return pipe
 
 
-def make_scheduler(name: str, config):
-    """A1111's sampler names on diffusers schedulers, built from the model's own scheduler config."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
-
-    if name == "Euler":
-        return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=False)
-    if name == "Euler a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    if name.startswith("DPM++ 2M"):
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       use_karras_sigmas=name.endswith("Karras"))
-    # SDXL latents are not confined to [-1, 1]; DDIM's clip_sample defaults to True when the config is silent.
-    return DDIMScheduler.from_config(config, clip_sample=False)
-
-
-def render(pipe, prompt: str, negative_prompt: str | None, seeds: list[int], *, steps: int, guidance: float,
-           height: int, width: int, output_type: str = "pil"):
-    """One batch: one image per seed. Generators live on the CPU so a seed gives the same starting noise
-    on CUDA, MPS and CPU, and one generator per image makes an image independent of its batch. Latents
-    that turn NaN/Inf stop the run before anything is decoded: such an image would be black or noise."""
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    n = len(seeds)
-
-    def check_latents(pipeline, step, timestep, tensors):
-        if not torch.isfinite(tensors["latents"]).all():
-            raise InferError(f"the latents became NaN/Inf at sampling step {step + 1} of {steps}: the adapter is "
-                             "broken or too strong at this --scale for this --dtype (try a lower --scale, or "
-                             "--dtype bf16/fp32); no image was written")
-        return tensors
-
-    return pipe(prompt=[prompt] * n, negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
-                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                generator=generators, output_type=output_type, callback_on_step_end=check_latents,
-                callback_on_step_end_tensor_inputs=["latents"]).images
-
-
 # ------------------------------------------------------------------------------------ output
-def _a1111_quote(value) -> str:
-    """AUTOMATIC1111 quotes a value as JSON when it holds a comma, colon or newline."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def png_parameters(p: dict) -> PngImagePlugin.PngInfo:
-    """AUTOMATIC1111's "parameters" text (prompt / Negative prompt: / key: value, ...) plus one text key per
-    parameter, for tools that read PNG keys rather than parse A1111's format."""
-    fields = {"Steps": p["steps"], "Sampler": p["scheduler"], "CFG scale": f"{p['guidance_scale']:g}",
-              "Seed": p["seed"], "Size": f"{p['width']}x{p['height']}", "Model": p["base_model"],
-              "LoHa": p["checkpoint"], "LoHa scale": f"{p['scale']:g}"}
-    lines = [p["prompt"]]
-    if p["negative_prompt"] is not None:
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
-    lines.append(", ".join(f"{k}: {_a1111_quote(v)}" for k, v in fields.items()))
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", "\n".join(lines))
-    for key, value in p.items():
-        if value is not None:
-            info.add_text(key, str(value))  # PIL writes iTXt when the text is not Latin-1
-    return info
-
-
 def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     grid = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
     grid.paste(left, (0, 0))
@@ -394,6 +328,8 @@ def main(argv=None) -> list[Path]:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except loha.sampling.NonFiniteLatents as e:
+        raise SystemExit(f"error: {e} (try a lower --scale, or --dtype bf16/fp32); no image was written") from None
     except (InferError, loha.LoHaError) as e:
         raise SystemExit(f"error: {e}") from None
     except torch.cuda.OutOfMemoryError:

@@ -36,17 +36,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 import loha
 import loha.memory
 from loha import LoHaError
 from loha import cli as loha_cli
 from loha import data as loha_data
+from loha import ema as loha_ema
 from loha import fp8 as loha_fp8
 from loha import hub as loha_hub
 from loha import kohya_data as loha_kohya
+from loha import losses as loha_losses
+from loha import optimizers as loha_opt
+from loha import plots as loha_plots
 from loha import runs as loha_runs
+from loha import sampling as loha_sampling
 from loha import sources as loha_sources
 from loha.kohya_data import Dataset, Subset
 
@@ -89,6 +93,8 @@ def main(argv=None) -> int:
             resume_from_checkpoint(run, args, resume)
             start_logging(run, args)
             validate(run, args)  # before training: the baseline to compare against
+            if args.sample_at_first and run.global_step == 0:
+                sample_prompts(run, args)
             train(run, args)
             save_final_outputs(run, args)
             print_summary(run, args)
@@ -196,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_data_dir", default=None,
                    help="masks with the images' file names (in the image's folder name below it, or at its top), "
                         "each of its image's size; default: none (the alpha channel)")
+    g.add_argument("--validation_split", type=float, default=None,
+                   help="hold out this fraction of the training images (a seeded choice, never regularization "
+                        "images) for a validation loss; default: none")
+    g.add_argument("--validation_data_dir", default=None,
+                   help="instead of --validation_split: a folder of held-out images with captions (same layouts as "
+                        "--train_data_dir); default: none")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="use at most this many samples (a seeded choice); default: all")
     g.add_argument("--resolution", type=int, default=1024,
@@ -245,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(keeps ΔW's own precision)")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="also train LoHa on both CLIP text encoders (the preset's text-encoder modules)")
+    g.add_argument("--network_weights", default=None,
+                   help="start from this LoHa (any layout loha reads: kohya/LyCORIS/ComfyUI file, PEFT folder); its "
+                        "modules, ranks and alphas must be this run's; default: none (a new adapter)")
+    g.add_argument("--dim_from_weights", action="store_true",
+                   help="take the rank, alpha, modules and conv settings from --network_weights (kohya's flag); "
+                        "default: off")
 
     g = p.add_argument_group("loss and noise")
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
@@ -256,6 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="min-SNR loss weighting γ (5.0 is the paper's); default: off")
     g.add_argument("--noise_offset", type=float, default=0.0, help="per-channel noise offset (e.g. 0.05); 0: off")
+    g.add_argument("--min_timestep", type=int, default=None,
+                   help="smallest timestep drawn (timesteps are drawn from [min, max)); default: 0")
+    g.add_argument("--max_timestep", type=int, default=None,
+                   help="draw timesteps below this; equal to --min_timestep: always that timestep; default: the "
+                        "scheduler's num_train_timesteps (1000)")
+    g.add_argument("--loss_type", choices=loha_losses.LOSS_TYPES, default="l2",
+                   help="l2 (squared error), l1, huber or smooth_l1 (pseudo-Huber, kohya's semantics); default: l2")
+    g.add_argument("--huber_c", type=float, default=None,
+                   help="the Huber threshold c, in (0, 1]; default: 0.1 (with --loss_type huber or smooth_l1)")
+    g.add_argument("--huber_schedule", choices=loha_losses.HUBER_SCHEDULES, default=None,
+                   help="how the threshold follows the timestep: snr, exponential or constant (kohya's); default: snr")
+    g.add_argument("--huber_scale", type=float, default=None,
+                   help="multiplier of the exponential and constant schedules' threshold; default: 1.0")
+    g.add_argument("--debiased_estimation_loss", **on_off,
+                   help="weight the loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction), Yu et al. 2024; default: off")
+    g.add_argument("--ip_noise_gamma", type=float, default=0.0,
+                   help="input perturbation: the noisy latents get noise + gamma x another noise, the target stays "
+                        "the first (Ning et al. 2023; 0.1 is usual); default: 0 (off)")
+    g.add_argument("--ip_noise_gamma_random_strength", **on_off,
+                   help="draw each sample's perturbation strength uniformly from [0, --ip_noise_gamma]; default: off")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--train_batch_size", type=int, default=2, help="images per batch on each device")
@@ -264,22 +302,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer updates in all, overriding --num_train_epochs; default: none (from the epochs)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer update")
     g.add_argument("--gradient_checkpointing", **on_off, help="recompute activations in backward: less memory, slower")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate, in (0, 1]")
+    g.add_argument("--learning_rate", type=float, default=1e-4,
+                   help="peak learning rate, in (0, 1] (Prodigy, DAdaptAdam: 1.0); default: 1e-4")
+    g.add_argument("--unet_lr", type=float, default=None,
+                   help="the UNet adapter's learning rate; 0 freezes it; default: --learning_rate")
+    g.add_argument("--text_encoder_lr", type=float, nargs="+", default=None,
+                   help="the text encoders' learning rate: one value for both, or two (CLIP-L, then OpenCLIP-G), as "
+                        "kohya; 0 freezes that encoder's adapter; needs --train_text_encoder; default: --learning_rate")
     g.add_argument("--scale_lr", action="store_true",
                    help="multiply the learning rate by accumulation x batch x processes")
-    g.add_argument("--lr_scheduler", default="constant", help="learning-rate schedule",
-                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                            "constant_with_warmup"])
+    g.add_argument("--lr_scheduler", default="constant", choices=loha_opt.SCHEDULES,
+                   help="learning-rate schedule: diffusers' names, and adafactor (for Adafactor's relative step); "
+                        "default: constant")
+    g.add_argument("--lr_step_rules", default=None,
+                   help="piecewise_constant's rules, diffusers' format: 'multiplier:until_step,...,final', e.g. "
+                        "'1:100,0.5:200,0.1'; default: none")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="optimizer updates of linear warm-up")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
     g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
-    g.add_argument("--use_8bit_adam", action="store_true",
-                   help="bitsandbytes' 8-bit AdamW instead of torch's fused AdamW")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient's global norm to this")
+    g.add_argument("--optimizer", "--optimizer_type", default="AdamW", type=optimizer_arg,
+                   help=f"one of {', '.join(loha_opt.OPTIMIZERS)} (case does not matter; kohya's --optimizer_type); "
+                        "all but AdamW (torch's fused) come from their own packages; default: AdamW")
+    g.add_argument("--use_8bit_adam", dest="optimizer", action="store_const", const="AdamW8bit",
+                   help="diffusers' name for --optimizer AdamW8bit (bitsandbytes)")
+    g.add_argument("--optimizer_args", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="keyword arguments of the optimizer, kohya's format (e.g. decouple=True "
+                        "use_bias_correction=True d_coef=1); default: none")
+    g.add_argument("--adam_beta1", type=float, default=None, help="AdamW/AdamW8bit β1; default: 0.9")
+    g.add_argument("--adam_beta2", type=float, default=None, help="AdamW/AdamW8bit β2; default: 0.999")
+    g.add_argument("--adam_weight_decay", type=float, default=None,
+                   help="AdamW/AdamW8bit decoupled weight decay; default: 1e-2")
+    g.add_argument("--adam_epsilon", type=float, default=None, help="AdamW/AdamW8bit ε; default: 1e-8")
+    g.add_argument("--scale_weight_norms", type=float, default=None,
+                   help="max-norm: after each update, an adapter whose ||scale x dW|| exceeds this is scaled down to "
+                        "it (kohya's flag; 1 to 5 is usual); default: none")
+    g.add_argument("--use_ema", **on_off,
+                   help="keep an exponential moving average of the adapter (diffusers' EMAModel, warming up as "
+                        "(1+n)/(10+n)); the outputs, samples and validation use it, and <output_name>-raw.safetensors "
+                        "keeps the trained weights; default: off")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="the EMA's decay, in (0, 1); default: 0.999")
+    g.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="clip the gradient's global norm to this; 0: no clipping; default: 1.0")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="dtype of the frozen weights and activations (LoHa factors stay fp32); default: "
                         "accelerate's config")
@@ -299,9 +362,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kohya_naming", default="sgm", choices=["sgm", "diffusers"],
                    help="module names in the kohya file: sgm (kohya/ComfyUI/A1111's lora_unet_input_blocks_…) or "
                         "diffusers (LyCORIS's lycoris_down_blocks_…)")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every this many updates")
+    g.add_argument("--save_precision", choices=["fp32", "float", "fp16", "bf16"], default="fp32",
+                   help="dtype of the factors in the saved adapters (float is kohya's name for fp32; checkpoints "
+                        "always keep fp32); default: fp32")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save a checkpoint every this many updates, with <output_name>-step<N>.safetensors beside the "
+                        "final file; default: 500")
     g.add_argument("--checkpoints_total_limit", type=int, default=None,
-                   help="keep only this many newest checkpoints; default: all")
+                   help="keep only this many newest checkpoints and their step files (never the final file); "
+                        "default: all")
+    g.add_argument("--save_every_n_epochs", type=int, default=None,
+                   help="also write <output_name>-<epoch, 6 digits>.safetensors after every N epochs (not after the "
+                        "last: that is the final file), kohya's naming; default: none")
+    g.add_argument("--save_last_n_epochs", type=int, default=None,
+                   help="keep only the newest N of those epoch files; default: all")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a checkpoint-<step> folder; default: none (a new run)")
     g.add_argument("--validation_prompt", action="append", default=None,
@@ -309,11 +383,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=int, default=4, help="sample images per validation prompt")
     g.add_argument("--validation_steps", type=int, default=500, help="render samples every this many updates")
     g.add_argument("--num_validation_inference_steps", type=int, default=25, help="sampling steps per sample image")
+    g.add_argument("--sample_prompts", default=None,
+                   help="kohya's sample-prompt file: a prompt a line, with --n negative --w width --h height --d seed "
+                        "--l cfg --s steps --ss sampler; defaults: no negative, --resolution, --seed, 7.5, 30, "
+                        "--sample_sampler; images go to samples/step-<N>-<prompt>-seed<S>.png; default: none")
+    g.add_argument("--sample_every_n_steps", type=int, default=None,
+                   help="render --sample_prompts every N updates; default: none")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None,
+                   help="render --sample_prompts after every N epochs; default: none")
+    g.add_argument("--sample_sampler", type=sampler_arg, default="Euler",
+                   help=f"sampler of --sample_prompts lines without --ss: {', '.join(loha_sampling.SAMPLERS)} "
+                        "(infer.py's names); default: Euler")
+    g.add_argument("--sample_at_first", **on_off,
+                   help="also render --sample_prompts before the first update; default: off")
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard",
                    help="where losses and samples are logged")
     g.add_argument("--logging_dir", default="logs",
                    help="log folder, relative to --output_dir; each run writes its own run-<time> subfolder")
     return p
+
+
+def optimizer_arg(text: str) -> str:
+    try:
+        return loha_opt.canonical(text)
+    except LoHaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def sampler_arg(text: str) -> str:
+    try:
+        return loha_sampling.sampler_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -326,9 +427,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     try:
         check_args(args)
+        if args.dim_from_weights:
+            given = sorted(explicit_flags(argv) & set(WEIGHTS_SETTINGS))
+            if given:
+                raise LoHaError(f"--dim_from_weights takes {', '.join('--' + g for g in given)} from "
+                                "--network_weights; drop them, or drop --dim_from_weights")
     except LoHaError as e:
         parser.error(str(e))
     return args
+
+
+# What --dim_from_weights reads from the file instead of the flags.
+WEIGHTS_SETTINGS = ("rank", "alpha", "conv_rank", "conv_alpha", "use_tucker", "preset", "target_modules")
 
 
 def check_args(args):
@@ -370,9 +480,10 @@ def check_args(args):
     for name in ("caption_dropout", "caption_tag_dropout_rate", "rank_dropout", "module_dropout"):
         need(0 <= getattr(args, name) < 1, f"--{name} must be in [0, 1), got {getattr(args, name)}")
     need(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    need(args.max_grad_norm > 0, f"--max_grad_norm must be > 0, got {args.max_grad_norm}")
-    need(0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and args.adam_epsilon > 0
-         and args.adam_weight_decay >= 0, "Adam betas must be in [0, 1), epsilon > 0, weight decay >= 0")
+    need(args.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {args.max_grad_norm}")
+    check_optimizer_args(args, need)
+    check_loss_args(args, need)
+    check_output_args(args, need)
     need(not (args.train_text_encoder and args.cache_text_embeddings),
          "--train_text_encoder cannot be combined with --cache_text_embeddings: the embeddings change as "
          "the encoders train")
@@ -381,10 +492,8 @@ def check_args(args):
     need(args.conv_rank is None or args.conv_rank >= 1, f"--conv_rank must be >= 1, got {args.conv_rank}")
     need(args.conv_alpha is None or (math.isfinite(args.conv_alpha) and args.conv_alpha > 0),
          f"--conv_alpha must be a finite number > 0, got {args.conv_alpha}")
-    for wanted, package in ((args.report_to != "none", args.report_to), (args.use_8bit_adam, "bitsandbytes")):
-        need(not wanted or importlib.util.find_spec(package) is not None,
-             f"{'--use_8bit_adam' if package == 'bitsandbytes' else '--report_to ' + package} needs "
-             f"`pip install {package}`" + (" (or use --report_to none)" if package != "bitsandbytes" else ""))
+    need(args.report_to == "none" or importlib.util.find_spec(args.report_to) is not None,
+         f"--report_to {args.report_to} needs `pip install {args.report_to}` (or use --report_to none)")
     need(re.fullmatch(r"[\w.+-]+", args.output_name) is not None,
          f"--output_name must be a plain file name, got {args.output_name!r}")
     local = args.dataset_name if args.dataset_name and Path(args.dataset_name).is_dir() else None
@@ -400,6 +509,103 @@ def check_args(args):
     if args.feature_cache_dir is None:
         hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
         args.feature_cache_dir = os.path.join(hf_home, "loha-sdxl-features")
+
+
+def check_optimizer_args(args, need):
+    """The optimizer is installed and takes its arguments; the learning rates per part and the schedule fit it."""
+    loha_opt.optimizer_class(args.optimizer)  # one line with the pip command when the package is missing
+    options = loha_opt.parse_args(args.optimizer_args)
+    adam = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8}
+    for flag, default in adam.items():
+        if args.optimizer in loha_opt.ADAM_FAMILY:
+            setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
+        else:
+            need(getattr(args, flag) is None, f"--{flag} sets AdamW's {flag[5:]}; {args.optimizer} takes its settings "
+                                              "through --optimizer_args")
+    if args.optimizer in loha_opt.ADAM_FAMILY:
+        need(0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and args.adam_epsilon > 0
+             and args.adam_weight_decay >= 0, "Adam betas must be in [0, 1), epsilon > 0, weight decay >= 0")
+        taken = sorted(set(options) & {"lr", "betas", "eps", "weight_decay"})
+        need(not taken, f"--optimizer_args {', '.join(taken)}: use --adam_beta1/--adam_beta2/--adam_epsilon/"
+                        "--adam_weight_decay (and --learning_rate) for AdamW")
+    need("lr" not in options, "--optimizer_args lr=...: use --learning_rate (or --unet_lr/--text_encoder_lr)")
+    for name in ("unet_lr", "text_encoder_lr"):
+        for value in (getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]):
+            need(value is None or (math.isfinite(value) and 0 <= value <= 1),
+                 f"--{name} must be in [0, 1], got {value}")
+    need(args.text_encoder_lr is None or len(args.text_encoder_lr) <= 2,
+         "--text_encoder_lr takes one value (both encoders) or two (CLIP-L, then OpenCLIP-G)")
+    need(args.text_encoder_lr is None or args.train_text_encoder, "--text_encoder_lr needs --train_text_encoder")
+    rates = part_learning_rates(args)
+    need(any(rates.values()), "every learning rate is 0: nothing would train (" + ", ".join(
+        f"{part} {lr:g}" for part, lr in rates.items()) + ")")
+    if loha_opt.relative_step(args.optimizer, options):
+        need(args.lr_scheduler == "adafactor",
+             "Adafactor with relative_step=True (its default) chooses its own step size: use --lr_scheduler adafactor, "
+             "or --optimizer_args relative_step=False scale_parameter=False warmup_init=False with a learning rate")
+        need(len({lr for lr in rates.values() if lr}) == 1,
+             "Adafactor with relative_step=True has one step size for every part: per-part learning rates need "
+             "--optimizer_args relative_step=False")
+    else:
+        need(args.lr_scheduler != "adafactor", "--lr_scheduler adafactor goes with Adafactor's relative step "
+                                               "(--optimizer Adafactor without relative_step=False)")
+    need((args.lr_scheduler == "piecewise_constant") == (args.lr_step_rules is not None),
+         "--lr_step_rules goes with --lr_scheduler piecewise_constant, and that schedule needs it")
+
+
+def part_learning_rates(args) -> dict[str, float]:
+    """The learning rate of each trained part (before --scale_lr): 0 freezes a part."""
+    base = args.learning_rate
+    rates = {"unet": base if args.unet_lr is None else args.unet_lr}
+    if args.train_text_encoder:
+        te = args.text_encoder_lr or [base]
+        rates.update(text_encoder=te[0], text_encoder_2=te[-1])
+    return rates
+
+
+def check_loss_args(args, need):
+    need(args.min_timestep is None or args.min_timestep >= 0, f"--min_timestep must be >= 0, got {args.min_timestep}")
+    need(args.max_timestep is None or args.max_timestep >= 1, f"--max_timestep must be >= 1, got {args.max_timestep}")
+    need(args.min_timestep is None or args.max_timestep is None or args.min_timestep <= args.max_timestep,
+         f"--min_timestep {args.min_timestep} is above --max_timestep {args.max_timestep}")
+    huber = args.loss_type in ("huber", "smooth_l1")
+    for flag, default in (("huber_c", 0.1), ("huber_schedule", "snr"), ("huber_scale", 1.0)):
+        need(huber or getattr(args, flag) is None, f"--{flag} goes with --loss_type huber or smooth_l1")
+        if huber and getattr(args, flag) is None:
+            setattr(args, flag, default)
+    if huber:
+        need(0 < args.huber_c <= 1, f"--huber_c must be in (0, 1], got {args.huber_c}")
+        need(args.huber_scale > 0 and math.isfinite(args.huber_scale), f"--huber_scale must be > 0, got "
+                                                                         f"{args.huber_scale}")
+    need(args.ip_noise_gamma >= 0 and math.isfinite(args.ip_noise_gamma),
+         f"--ip_noise_gamma must be >= 0, got {args.ip_noise_gamma}")
+    need(not args.ip_noise_gamma_random_strength or args.ip_noise_gamma > 0,
+         "--ip_noise_gamma_random_strength needs --ip_noise_gamma")
+
+
+def check_output_args(args, need):
+    """Saving, sampling, EMA, max-norm, validation and a starting LoHa."""
+    for name in ("save_every_n_epochs", "save_last_n_epochs", "sample_every_n_steps", "sample_every_n_epochs"):
+        need(getattr(args, name) is None or getattr(args, name) >= 1, f"--{name} must be >= 1")
+    need(args.save_last_n_epochs is None or args.save_every_n_epochs,
+         "--save_last_n_epochs needs --save_every_n_epochs")
+    sampling = ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
+    need(args.sample_prompts is not None or not any(getattr(args, n) for n in sampling),
+         "--sample_every_n_steps, --sample_every_n_epochs and --sample_at_first need --sample_prompts")
+    if args.sample_prompts:
+        loha_sampling.read_prompts(args.sample_prompts)  # a bad line is refused now, before anything loads
+    need(args.scale_weight_norms is None or (args.scale_weight_norms > 0 and math.isfinite(args.scale_weight_norms)),
+         f"--scale_weight_norms must be > 0, got {args.scale_weight_norms}")
+    need(0 < args.ema_decay < 1, f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    need(args.validation_split is None or 0 < args.validation_split < 1,
+         f"--validation_split must be in (0, 1), got {args.validation_split}")
+    need(args.validation_split is None or args.validation_data_dir is None,
+         "give --validation_split or --validation_data_dir, not both")
+    need(args.validation_data_dir is None or Path(args.validation_data_dir).is_dir(),
+         f"--validation_data_dir {args.validation_data_dir} is not a folder")
+    need(not args.dim_from_weights or args.network_weights, "--dim_from_weights needs --network_weights")
+    need(args.network_weights is None or Path(args.network_weights).exists(),
+         f"--network_weights {args.network_weights} does not exist")
 
 
 def target_modules(args) -> list[str] | None:
@@ -562,15 +768,26 @@ def add_adapters(models: Models, args):
     CLIPs' (the preset's text-encoder modules); factors in fp32. In grouped mode the factors of each
     shape are stored stacked (what that mode runs on); the per-layer modes keep them per layer, where
     they are faster (BENCHMARKS.md)."""
-    options = dict(rank=args.rank, alpha=args.alpha, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
-                   use_tucker=args.use_tucker, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
-                   forward_mode=args.loha_forward_mode, dtype=torch.float32, stack=args.loha_forward_mode == "grouped")
-    loha.inject(models.unet, target_modules=target_modules(args), preset=args.preset, **options)
-    if args.train_text_encoder:
-        # CLIP-L's last layer feeds nothing SDXL reads (it takes the penultimate states): stacked with its
-        # neighbours it gets zero gradients, and weight decay shrinks factors that change no output.
-        for encoder in (models.text_encoder, models.text_encoder_2):
-            loha.inject(encoder, preset=args.preset, **options)
+    run_options = dict(rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
+                       forward_mode=args.loha_forward_mode, dtype=torch.float32,
+                       stack=args.loha_forward_mode == "grouped")
+    shape = dict(rank=args.rank, alpha=args.alpha, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
+                 use_tucker=args.use_tucker)
+    if args.dim_from_weights:
+        load_network_weights(models, args, run_options)
+    else:
+        loha.inject(models.unet, target_modules=target_modules(args), preset=args.preset, **shape, **run_options)
+        if args.train_text_encoder:
+            # CLIP-L's last layer feeds nothing SDXL reads (it takes the penultimate states): stacked with its
+            # neighbours it gets zero gradients, and weight decay shrinks factors that change no output.
+            for encoder in (models.text_encoder, models.text_encoder_2):
+                loha.inject(encoder, preset=args.preset, **shape, **run_options)
+        if args.network_weights:
+            load_network_weights(models, args)
+    for part, lr in part_learning_rates(args).items():
+        if lr == 0:  # frozen exactly: no gradient, no optimizer state, no weight decay
+            for p in loha.trainable_parameters(getattr(models, part)):
+                p.requires_grad_(False)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -578,11 +795,62 @@ def add_adapters(models: Models, args):
             models.text_encoder_2.gradient_checkpointing_enable()
 
 
+def load_network_weights(models: Models, args, inject_options: dict | None = None):
+    """--network_weights into the run's adapters: strictly (its modules and ranks must be the run's, and its
+    alphas, which loading would otherwise adopt); with --dim_from_weights (``inject_options`` given) the
+    adapters are made from the file, and the flags that describe them are set to the file's values."""
+    file = args.network_weights
+    adapter = loha.read_adapter(file)
+    hint = "; or take the file's settings with --dim_from_weights"
+    parts = set(adapter.components)
+    if not args.train_text_encoder and parts - {"unet"}:
+        raise LoHaError(f"--network_weights {file} also adapts the text encoders: train them too with "
+                        "--train_text_encoder, or extract its UNet part first")
+    if args.train_text_encoder and parts != {"unet", "text_encoder", "text_encoder_2"}:
+        raise LoHaError(f"--network_weights {file} adapts {', '.join(sorted(parts))} only, but "
+                        "--train_text_encoder trains both text encoders' adapters too")
+    unusual = sorted({path for modules in adapter.components.values() for path, mw in modules.items()
+                      if mw.factors is None or mw.dora_scale is not None})
+    if unusual:
+        raise LoHaError(f"--network_weights {file} has modules this trainer does not train (DoRA or full "
+                        f"differences), e.g. {unusual[0]}")
+    target = SimpleNamespace(**{c: getattr(models, c) for c in adapter.components})
+    before = {c: {p: layer.alpha for p, layer in loha.loha_layers(getattr(models, c)).items()} for c in parts}
+    try:
+        loha.load(target, adapter, **(inject_options or {}))
+    except loha.LoHaFileError as e:
+        raise LoHaError(f"--network_weights: {e}" + ("" if inject_options else hint)) from None
+    if inject_options is None:
+        for c in sorted(parts):
+            for path, layer in loha.loha_layers(getattr(models, c)).items():
+                if not math.isclose(layer.alpha, before[c][path], rel_tol=1e-6):
+                    raise LoHaError(f"--network_weights {file}: {c} {path} has alpha {layer.alpha:g} in the file but "
+                                    f"{before[c][path]:g} in this run (--alpha / --conv_alpha){hint}")
+        return
+    wide = lambda layer: isinstance(layer, loha.LoHaConv2d) and layer.base_layer.kernel_size != (1, 1)
+    layers = [layer for c in parts for layer in loha.loha_layers(getattr(models, c)).values()]
+    narrow = [layer for layer in layers if not wide(layer)] or layers
+    convs = [layer for layer in layers if wide(layer)]
+    args.rank, args.alpha = narrow[0].rank, narrow[0].alpha
+    args.conv_rank = convs[0].rank if convs else None
+    args.conv_alpha = convs[0].alpha if convs else None
+    args.use_tucker = any(layer.use_tucker for layer in convs)
+    try:  # the LyCORIS preset the file says it was made with, for the record (the modules are the file's)
+        args.preset = json.loads(adapter.metadata.get("ss_network_args", "{}")).get("preset")
+    except (ValueError, AttributeError):
+        args.preset = None
+
+
 def trained_models(models: Models, args) -> dict[str, torch.nn.Module]:
-    trained = {"unet": models.unet}
-    if args.train_text_encoder:
-        trained.update(text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2)
-    return trained
+    """The parts whose adapters train (learning rate above 0)."""
+    return {part: getattr(models, part) for part, lr in part_learning_rates(args).items() if lr > 0}
+
+
+def adapted_models(run, args) -> dict[str, torch.nn.Module]:
+    """Every part with an adapter, trained or frozen (what the outputs hold), unwrapped."""
+    parts = ["unet", *(["text_encoder", "text_encoder_2"] if args.train_text_encoder else [])]
+    return {part: run.accelerator.unwrap_model(run.trained[part], keep_torch_compile=False) if part in run.trained
+            else getattr(run.models, part) for part in parts}
 
 
 def encode_prompts(models: Models, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -610,7 +878,9 @@ class TrainingData:
     skipped: list  # (name, reason)
     cache: loha_data.FeatureCache
     datasets: list  # loha.kohya_data.Dataset: the subsets with their resolution and batch size
+    validation: list = dataclasses.field(default_factory=list)  # held-out CheckedSamples (validation loss)
     dataset: torch.utils.data.Dataset | None = None
+    validation_set: torch.utils.data.Dataset | None = None
 
 
 def default_subset(args) -> Subset:
@@ -685,11 +955,35 @@ def load_training_data(args, accelerator) -> TrainingData:
               + (" ..." if len(report.skipped) > 10 else ""), file=sys.stderr)
     if not [c for c in report.good if not c.sample.subset.is_reg]:
         raise LoHaError(f"no usable training images: all {len(samples)} samples were skipped")
+    good, validation = report.good, []
+    if args.validation_split:
+        good, validation = loha_data.split_validation(good, args.validation_split, args.seed)
+    elif args.validation_data_dir:
+        validation = validation_samples(args, start=max(s.index for s in samples) + 1, accelerator=accelerator)
     if args.masked_loss and args.mask_data_dir:
-        loha_data.find_masks(report.good, args.mask_data_dir)
-    loha_data.assign_draws(report.good)
-    loha_data.assign_buckets(report.good, args.resolution, args.enable_bucket, datasets)
-    return TrainingData(report.good, report.skipped, loha_data.FeatureCache(args.feature_cache_dir), datasets)
+        loha_data.find_masks(good + validation, args.mask_data_dir)
+    loha_data.assign_draws(good)
+    loha_data.assign_buckets(good + validation, args.resolution, args.enable_bucket, datasets)
+    return TrainingData(good, report.skipped, loha_data.FeatureCache(args.feature_cache_dir), datasets, validation)
+
+
+def validation_samples(args, start: int, accelerator) -> list:
+    """--validation_data_dir's images: kohya's layout or a plain folder, under the flags' caption rules."""
+    folder = args.validation_data_dir
+    subsets = loha_kohya.folder_subsets(folder, is_reg=False, defaults=default_subset(args),
+                                        what="--validation_data_dir")
+    if subsets:
+        samples = []
+        for subset in subsets:
+            samples += loha_data.samples_from_subset(subset, 0, start=start + len(samples))
+    else:
+        samples = [dataclasses.replace(s, index=start + s.index, subset=default_subset(args)) for s in
+                   loha_data.samples_from_folder(folder, args.caption_column, args.caption_extension,
+                                                 what="--validation_data_dir")]
+    report = loha_data.check_samples(samples, progress=progress_bar(accelerator, "checking validation images"))
+    if not report.good:
+        raise LoHaError(f"--validation_data_dir {folder}: no usable image")
+    return report.good
 
 
 def is_saved_dataset(name) -> bool:
@@ -719,10 +1013,12 @@ def load_hf_dataset(args):
 
 class SDXLTrainingSet(torch.utils.data.Dataset):
     """Items are addressed as (position, epoch, draw): the epoch and the draw (which of its repeats this is) pick
-    the crop, flip, caption and noise."""
+    the crop, flip, caption and noise. The validation set (``timesteps`` given) is fixed instead: the center crop,
+    no flip, the caption without its random rules, and draw k is timestep ``timesteps[k]``."""
 
-    def __init__(self, data: TrainingData, models: Models, args):
-        self.samples, self.cache = data.samples, data.cache
+    def __init__(self, data: TrainingData, models: Models, args, timesteps: list[int] | None = None):
+        self.samples, self.cache = data.validation if timesteps else data.samples, data.cache
+        self.timesteps = timesteps
         self.vae_id, self.text_id = models.vae_id, models.text_id
         self.seed, self.center_crop = args.seed, args.center_crop
         self.cache_latents, self.cache_text = args.cache_latents, args.cache_text_embeddings
@@ -734,6 +1030,8 @@ class SDXLTrainingSet(torch.utils.data.Dataset):
         return len(self.samples)
 
     def augmentation(self, sample, epoch, draw=0):
+        if self.timesteps:
+            return loha_data.Augmentation(0.5, 0.5, False)
         # Cached latents fix one crop/flip per image (the epoch-0 choice): that is what the cache holds.
         epoch, draw = (0, 0) if self.cache_latents else (epoch, draw)
         return loha_data.choose_augmentation(self.seed, epoch, sample.index, self.center_crop,
@@ -746,9 +1044,16 @@ class SDXLTrainingSet(torch.utils.data.Dataset):
     def text_key(self, caption: str) -> str:
         return loha_data.content_key("text", caption, self.text_id)
 
+    def fixed_caption(self, sample) -> str:
+        caption = sample.sample.caption if isinstance(sample.sample.caption, str) else sample.sample.caption[0]
+        rules = dataclasses.replace(sample.sample.subset, shuffle_caption=False, caption_tag_dropout_rate=0.0)
+        return loha_kohya.process_caption(caption, rules, None)
+
     def captions(self):
         """Every caption the run can use: each of a list under its subset's rules (its N variants when they
         shuffle or drop tags), and the empty prompt where captions drop out."""
+        if self.timesteps:
+            return sorted({self.fixed_caption(s) for s in self.samples})
         found = set()
         for s in self.samples:
             subset = s.sample.subset
@@ -766,10 +1071,14 @@ class SDXLTrainingSet(torch.utils.data.Dataset):
         sample = self.samples[position]
         subset = sample.sample.subset
         aug = self.augmentation(sample, epoch, draw)
-        caption = loha_data.choose_caption(sample.sample.caption, self.seed, epoch, sample.index,
-                                           subset.caption_dropout_rate, draw, subset, self.variants)
         item = {"index": sample.index, "epoch": epoch, "draw": draw,
                 "loss_weight": self.prior_loss_weight if subset.is_reg else 1.0}
+        if self.timesteps:
+            caption = self.fixed_caption(sample)
+            item["timestep"] = self.timesteps[draw]
+        else:
+            caption = loha_data.choose_caption(sample.sample.caption, self.seed, epoch, sample.index,
+                                               subset.caption_dropout_rate, draw, subset, self.variants)
         if self.cache_latents:
             item["latent_params"] = self._cached("latents", self.latent_key(sample, aug), sample.sample.name)["params"]
             time_ids = loha_data.crop_geometry(sample.width, sample.height, sample.bucket, aug)[2]
@@ -808,17 +1117,22 @@ def collate(items: list[dict]) -> dict:
 def cache_features(data: TrainingData, models: Models, args, accelerator):
     """Compute missing latents / text embeddings once (main process first), then free the device."""
     data.dataset = dataset = SDXLTrainingSet(data, models, args)
+    sets = [dataset]
+    if data.validation:
+        low, high = timestep_range(args, models.noise_scheduler)
+        data.validation_set = SDXLTrainingSet(data, models, args, loha_data.validation_timesteps(low, high))
+        sets.append(data.validation_set)
     with accelerator.main_process_first():
         if args.cache_latents:
-            todo = [(s, dataset.augmentation(s, 0, 0)) for s in data.samples]
-            todo = [(s, aug, dataset.latent_key(s, aug)) for s, aug in todo]
+            todo = [(s, d.augmentation(s, 0, 0), d) for d in sets for s in d.samples]
+            todo = [(s, aug, dataset.latent_key(s, aug)) for s, aug, d in todo]
             todo = [t for t in todo if not data.cache.has("latents", t[2], ("params",))]
             for sample, aug, key in progress_bar(accelerator, "caching latents")(todo):
                 pixels, _ = loha_data.pixels_and_time_ids(sample.sample.read_bytes(), sample.bucket, aug)
                 params = encode_latent_distribution(models, pixels[None])[0]
                 data.cache.put("latents", key, {"params": params})
         if args.cache_text_embeddings:
-            todo = [c for c in dataset.captions()
+            todo = [c for c in sorted({c for d in sets for c in d.captions()})
                     if not data.cache.has("text", dataset.text_key(c), ("prompt_embeds", "pooled"))]
             for caption in progress_bar(accelerator, "caching text embeddings")(todo):
                 prompt_embeds, pooled = encode_prompts(models, [caption])
@@ -984,7 +1298,34 @@ def check_fit(data: TrainingData, args, accelerator):
 ESTIMATE_FLAGS = ("preset", "target_modules", "rank", "alpha", "conv_rank", "conv_alpha", "use_tucker",
                   "loha_forward_mode", "train_text_encoder", "gradient_checkpointing", "cache_latents",
                   "cache_text_embeddings", "base_precision", "train_batch_size", "pretrained_vae_model_name_or_path",
-                  "rank_dropout", "module_dropout", "use_8bit_adam", "snr_gamma", "prediction_type", "masked_loss")
+                  "rank_dropout", "module_dropout", "snr_gamma", "prediction_type", "masked_loss", "optimizer",
+                  "optimizer_args", "use_ema", "scale_weight_norms", "unet_lr", "text_encoder_lr", "loss_type",
+                  "debiased_estimation_loss", "ip_noise_gamma", "network_weights", "dim_from_weights")
+
+
+def estimate_args(args):
+    """The flags the estimate injects with. A starting LoHa's values do not change the peak; with
+    --dim_from_weights its shape does, taken from the file's recorded settings (kohya's ss_network_dim,
+    ss_network_alpha and ss_network_args), else its most common rank."""
+    fake = argparse.Namespace(**vars(args))
+    fake.network_weights, fake.dim_from_weights = None, False
+    if not args.dim_from_weights:
+        return fake
+    adapter = loha.read_adapter(args.network_weights)
+    meta = adapter.metadata
+    try:
+        network = json.loads(meta.get("ss_network_args") or "{}")
+    except ValueError:
+        network = {}
+    ranks = [mw.rank for modules in adapter.components.values() for mw in modules.values() if mw.factors]
+    fake.rank = int(meta.get("ss_network_dim") or max(set(ranks), key=ranks.count))
+    fake.alpha = float(meta.get("ss_network_alpha") or fake.rank)
+    fake.conv_rank = int(network["conv_dim"]) if "conv_dim" in network else None
+    fake.conv_alpha = float(network["conv_alpha"]) if "conv_alpha" in network else None
+    fake.use_tucker = str(network.get("use_tucker")) == "True"
+    fake.preset = network.get("preset") if network.get("preset") in loha.PRESETS else None
+    fake.target_modules = None
+    return fake
 
 
 def estimate_peak(args, data: TrainingData, mixed_precision: str) -> dict:
@@ -1003,7 +1344,7 @@ def estimate_peak(args, data: TrainingData, mixed_precision: str) -> dict:
             return json.loads(cache.read_text())
         except (OSError, ValueError):
             pass
-    peak = fake_step_peak(args, configs, source, bucket, mixed_precision)
+    peak = fake_step_peak(estimate_args(args), configs, source, bucket, mixed_precision)
     result = {**peak.as_dict(), "bucket": list(bucket[0]), "batch": bucket[1], "precision": mixed_precision}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -1046,7 +1387,8 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
         add_adapters(models, args)
         trained = trained_models(models, args)
         params = [p for model in trained.values() for p in loha.trainable_parameters(model)]
-        optimizer = make_optimizer(params, args.learning_rate, args)
+        optimizer, views = make_optimizer(trained, args)
+        ema = loha_ema.FactorEMA(params, args.ema_decay) if args.use_ema else None
         for model in trained.values():
             model.train()
             autocast_forward(model, weight_dtype)
@@ -1063,7 +1405,8 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
             batch["pooled"] = torch.zeros(batch_size, configs["text_encoder_2"].projection_dim)
         else:
             batch["caption"] = ["a photo"] * batch_size
-        run = SimpleNamespace(models=models, accelerator=SimpleNamespace(device=torch.device("cpu")), trained=trained)
+        run = SimpleNamespace(models=models, accelerator=SimpleNamespace(device=torch.device("cpu")), trained=trained,
+                              unet=unet)
         resident = [unet] + ([] if args.cache_latents else [vae]) + ([] if args.cache_text_embeddings else encoders)
 
         def step(tracker):
@@ -1072,9 +1415,18 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
             tracker.phase = "temporaries"
             loss.backward()
             tracker.phase = "optimizer"
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if views is not None:
+                views.hand_gradients()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
+            if args.scale_weight_norms:
+                for model in trained.values():
+                    loha.scale_weight_norms(model, args.scale_weight_norms)
+            if ema is not None:
+                ema.step()
             optimizer.zero_grad(set_to_none=True)
+            loha_opt.zero_stacked_grads(params)
 
         return loha.memory.step_peak(resident, params, optimizer, step, batch)
 
@@ -1106,7 +1458,10 @@ class Run:
     updates_per_epoch: int
     max_train_steps: int
     num_epochs: int
-    params: list  # the LoHa factors being trained, as the optimizer holds them
+    params: list  # the LoHa factors being trained, as stored (stacked in grouped mode)
+    unet: torch.nn.Module  # what the step calls: prepared (DDP), compiled, or the frozen UNet itself
+    views: loha_opt.LayerViews | None = None  # the per-layer tensors an optimizer steps on, if it needs them
+    ema: loha_ema.FactorEMA | None = None
     global_step: int = 0
     skipped_updates: int = 0
     last_checkpoint: Path | None = None
@@ -1117,39 +1472,56 @@ class Run:
     train_seconds: float = 0.0
     adapted: int = 0  # UNet modules with an adapter
     first_step: int = 0  # where this invocation started (after a resume: the checkpoint's step)
+    losses: list = dataclasses.field(default_factory=list)  # (step, training loss), the whole run's
+    validation_losses: list = dataclasses.field(default_factory=list)  # (step, validation loss)
+    last_sampled_step: int | None = None
+    max_norm_log: dict = dataclasses.field(default_factory=dict)
 
 
 def prepare_training(models: Models, data: TrainingData, args, accelerator) -> Run:
-    """Optimizer, schedule and step counts; wrap for DDP; register adapter-only checkpoint hooks."""
-    from diffusers.optimization import get_scheduler
-
+    """Optimizer (a param group per trained part, with its learning rate), schedule and step counts; wrap for DDP;
+    register adapter-only checkpoint hooks."""
     global_batch = args.train_batch_size * accelerator.num_processes
     batches_per_epoch, updates_per_epoch, max_train_steps, num_epochs = schedule_of(data, args,
                                                                                   accelerator.num_processes)
+    timestep_range(args, models.noise_scheduler)  # a bad --min/--max_timestep fails before the first step
 
     trained = trained_models(models, args)
+    scale = args.gradient_accumulation_steps * global_batch if args.scale_lr else 1
+    optimizer, views = make_optimizer(trained, args, scale)
+    lr_scheduler = loha_opt.make_schedule(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
+                                          total_steps=max_train_steps, num_cycles=args.lr_num_cycles,
+                                          power=args.lr_power, step_rules=args.lr_step_rules,
+                                          initial_lr=args.learning_rate * scale)
     params = [p for model in trained.values() for p in loha.trainable_parameters(model)]
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * global_batch
-    optimizer = make_optimizer(params, lr, args)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
-                                 power=args.lr_power)
     names = list(trained)
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     trained = dict(zip(names, prepared[:len(names)]))
     optimizer, lr_scheduler = prepared[len(names):]
+    unet = trained.get("unet", models.unet)
     if args.compile:
         # Static shapes: one graph per bucket shape (and with reduce-overhead one CUDA graph each), so the
         # cache must hold them all.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        trained["unet"] = torch.compile(trained["unet"], mode=None if args.compile_mode == "default" else
-                                        args.compile_mode, backend=args.compile_backend, dynamic=False)
+        unet = torch.compile(unet, mode=None if args.compile_mode == "default" else args.compile_mode,
+                             backend=args.compile_backend, dynamic=False)
     run = Run(accelerator, models, data, trained, optimizer, lr_scheduler, batches_per_epoch, updates_per_epoch,
-              max_train_steps, num_epochs, params, adapted=len(loha.adapter_modules(models.unet)))
+              max_train_steps, num_epochs, params, unet, views, adapted=len(loha.adapter_modules(models.unet)))
+    if args.use_ema:
+        run.ema = loha_ema.FactorEMA(params, args.ema_decay)
     register_checkpoint_hooks(run, args)
     return run
+
+
+def make_optimizer(trained: dict, args, scale: float = 1.0):
+    """--optimizer on a param group per trained part at its learning rate; (optimizer, LayerViews or None)."""
+    rates = part_learning_rates(args)
+    groups = [{"models": [model], "lr": rates[part] * scale} for part, model in trained.items()]
+    options = loha_opt.parse_args(args.optimizer_args)
+    if args.optimizer in loha_opt.ADAM_FAMILY:
+        options = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                       eps=args.adam_epsilon, **options)
+    return loha_opt.make(args.optimizer, groups, options)
 
 
 def start_logging(run: Run, args):
@@ -1157,18 +1529,6 @@ def start_logging(run: Run, args):
     if run.accelerator.is_main_process and args.report_to != "none":
         run.accelerator.init_trackers("loha-sdxl", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                            for k, v in settings(args).items()})
-
-
-def make_optimizer(params, lr, args):
-    """torch's fused AdamW (one kernel for all tensors; foreach AdamW spends nearly all its ops on per-step
-    counters, BENCHMARKS.md), or bitsandbytes' 8-bit AdamW."""
-    settings = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                    eps=args.adam_epsilon)
-    if args.use_8bit_adam:  # check_args made sure it is installed
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(params, **settings)
-    return torch.optim.AdamW(params, fused=True, **settings)
 
 
 def register_checkpoint_hooks(run: Run, args):
@@ -1223,17 +1583,22 @@ RESUME_FIXED = {
     "cache_latents", "preset", "target_modules", "rank", "alpha", "conv_rank", "conv_alpha", "use_tucker",
     "rank_dropout", "module_dropout", "loha_forward_mode", "train_text_encoder", "prediction_type", "snr_gamma",
     "noise_offset", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
-    "lr_warmup_steps", "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay",
-    "adam_epsilon", "mixed_precision", "seed", "num_processes"}
+    "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "mixed_precision", "seed", "num_processes", "validation_split", "network_weights",
+    "dim_from_weights", "min_timestep", "max_timestep", "loss_type", "huber_c", "huber_schedule", "huber_scale",
+    "debiased_estimation_loss", "ip_noise_gamma", "ip_noise_gamma_random_strength", "unet_lr", "text_encoder_lr",
+    "optimizer", "optimizer_args", "lr_step_rules", "scale_weight_norms", "use_ema", "ema_decay"}
 RESUME_ADJUSTABLE = {
     "base_precision", "max_train_steps", "num_train_epochs", "max_grad_norm", "gradient_checkpointing", "allow_tf32",
     "compile",
     "compile_mode", "compile_backend", "cache_text_embeddings", "feature_cache_dir", "dataloader_num_workers",
     "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
     "validation_steps", "num_validation_inference_steps", "report_to", "logging_dir", "output_name",
-    "kohya_naming"}
+    "kohya_naming", "validation_data_dir", "save_precision", "save_every_n_epochs", "save_last_n_epochs",
+    "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_sampler", "sample_at_first"}
 NOT_RECORDED = {"resume_from_checkpoint", "output_dir", "demo", "demo_model_dir", "cache_dir", "dry_run"}
 RUN_ARGS = "run_args.json"  # the run's flags, in every checkpoint: what a resume is checked against
+LOSSES_FILE = "losses.json"  # the run's losses so far, in every checkpoint: loss.png covers resumed runs whole
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
@@ -1369,6 +1734,12 @@ def resume_from_checkpoint(run: Run, args, plan: ResumePlan | None):
     if scheduled != plan.step:
         raise LoHaError(f"cannot resume from {plan.path}: {STATE_FILE} says step {plan.step} but its scheduler "
                         f"state is at step {scheduled} (the checkpoint is damaged or was edited)")
+    if run.ema is not None:
+        run.ema.load(plan.path)
+    if (plan.path / LOSSES_FILE).is_file():
+        losses = read_json(plan.path / LOSSES_FILE, dict)
+        run.losses = [tuple(x) for x in losses.get("train", []) if x[0] <= plan.step]
+        run.validation_losses = [tuple(x) for x in losses.get("validation", []) if x[0] <= plan.step]
     run.global_step = plan.step
     run.last_checkpoint = plan.path
     log(run, f"resumed from {plan.path} at step {run.global_step}")
@@ -1421,15 +1792,26 @@ def train(run: Run, args):
                     raise LoHaError(f"loss was NaN/Inf for {NONFINITE_STREAK_LIMIT} updates in a row (up to step "
                                     f"{run.global_step}); stopped. Last good checkpoint: "
                                     f"{run.last_checkpoint or 'none'}. Try a lower --learning_rate")
-            lr = run.lr_scheduler.get_last_lr()[0]
+            lrs = run.lr_scheduler.get_last_lr()
             bar.update(1)
-            bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"loss": run.last_loss, "lr": lr}, step=run.global_step)
+            bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{lrs[0]:.2e}")
+            run.losses.append((run.global_step, loss))
+            logged = {"loss": run.last_loss, "lr": lrs[0], **run.max_norm_log}
+            if len(lrs) > 1:
+                logged.update({f"lr/{part}": lr for part, lr in zip(run.trained, lrs)})
+            accelerator.log(logged, step=run.global_step)
             run.train_seconds += time.perf_counter() - started  # data loading included, saving excluded
+            epoch_end = run.global_step % run.updates_per_epoch == 0 and run.global_step < run.max_train_steps
+            epoch = run.global_step // run.updates_per_epoch
             if run.global_step % args.checkpointing_steps == 0 and nonfinite_streak == 0:
                 save_checkpoint(run, args)  # never during a NaN/Inf streak: the last good one stays latest
+            if epoch_end and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0:
+                save_epoch_file(run, args, epoch)
             if run.global_step % args.validation_steps == 0:
                 validate(run, args)
+            if (args.sample_every_n_steps and run.global_step % args.sample_every_n_steps == 0) or (
+                    epoch_end and args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0):
+                sample_prompts(run, args)
             if stop_requested(run, stop):
                 bar.close()
                 if run.last_checkpoint is None or run.last_checkpoint.name != f"checkpoint-{run.global_step}":
@@ -1500,32 +1882,80 @@ def train_one_update(run: Run, args, batches: list[dict]) -> tuple[bool, float]:
                 accelerator.backward(loss / len(batches))
                 losses.append(loss.detach())
     if finite:
-        accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+        if run.views is not None:
+            run.views.hand_gradients()  # before clipping: the views' gradients are slices of the stacks'
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
         run.optimizer.step()
+        after_update(run, args)
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    loha_opt.zero_stacked_grads(run.params)
     mean_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item() if finite else float("nan")
     return finite, mean_loss
 
 
-def draw_noise(args, batch, latent_shape, num_train_timesteps):
-    """Per sample, from a generator seeded by (seed, epoch, index, draw): timestep, noise, and the latent's
-    own sampling noise. Independent of batch size, process count and resume point."""
-    timesteps, noise, latent_eps = [], [], []
-    for index, epoch, draw in zip(batch["index"], batch["epoch"], batch["draw"]):
+def after_update(run: Run, args):
+    """Max-norm (kohya's --scale_weight_norms) on the updated factors, then the EMA of the result."""
+    if args.scale_weight_norms:
+        scaled, norms = 0, []
+        for model in run.trained.values():
+            n, after = loha.scale_weight_norms(run.accelerator.unwrap_model(model, keep_torch_compile=False),
+                                               args.scale_weight_norms)
+            scaled, norms = scaled + n, norms + [after]
+        norms = torch.cat(norms)
+        run.max_norm_log = {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": norms.mean().item(),
+                            "max_norm/max_key_norm": norms.max().item()}
+    if run.ema is not None:
+        run.ema.step()
+
+
+def timestep_range(args, scheduler) -> tuple[int, int]:
+    """[low, high) of the timesteps drawn (--min_timestep / --max_timestep, kohya's rule: equal ends give that
+    one timestep), checked against the scheduler's num_train_timesteps."""
+    total = scheduler.config.num_train_timesteps
+    low = args.min_timestep or 0
+    high = total if args.max_timestep is None else args.max_timestep
+    if high > total or low >= total:
+        raise LoHaError(f"--min_timestep {low} / --max_timestep {high}: the scheduler has {total} timesteps "
+                        f"(0 to {total - 1}); keep --max_timestep <= {total} and --min_timestep < {total}")
+    return low, high
+
+
+def draw_noise(args, batch, latent_shape, low: int, high: int):
+    """Per sample, from a generator seeded by (seed, epoch, index, draw): timestep, noise, the latent's own
+    sampling noise and (with --ip_noise_gamma) the input perturbation. Independent of batch size, process count
+    and resume point. A batch's own ``timestep`` (the validation set's) replaces the drawn one."""
+    timesteps, noise, latent_eps, perturbation = [], [], [], []
+    fixed = batch.get("timestep", [None] * len(batch["index"]))
+    for index, epoch, draw, t in zip(batch["index"], batch["epoch"], batch["draw"], fixed):
         g = loha_data.torch_generator_for(args.seed, epoch, index, draw, "noise")
-        timesteps.append(torch.randint(0, num_train_timesteps, (), generator=g))
+        drawn = torch.randint(0, high - low, (), generator=g) + low if high > low else torch.tensor(low)
+        timesteps.append(drawn if t is None else torch.tensor(t))
         n = torch.randn(latent_shape, generator=g)
         if args.noise_offset:  # a per-channel shift: lets the model learn very dark/bright images
             n = n + args.noise_offset * torch.randn(latent_shape[0], 1, 1, generator=g)
         noise.append(n)
         latent_eps.append(torch.randn(latent_shape, generator=g))
-    return torch.stack(timesteps), torch.stack(noise), torch.stack(latent_eps)
+        if args.ip_noise_gamma:
+            strength = args.ip_noise_gamma * (torch.rand((), generator=g) if args.ip_noise_gamma_random_strength
+                                              else 1.0)
+            perturbation.append(strength * torch.randn(latent_shape, generator=g))
+    return (torch.stack(timesteps), torch.stack(noise), torch.stack(latent_eps),
+            torch.stack(perturbation) if perturbation else None)
 
 
 def training_loss(run: Run, args, batch) -> torch.Tensor:
-    """The diffusion loss for one batch, in fp32 (min-SNR weighted with --snr_gamma)."""
+    """The diffusion loss of one training batch (see ``batch_loss``)."""
+    return batch_loss(run, args, batch, run.unet)
+
+
+def batch_loss(run: Run, args, batch, unet) -> torch.Tensor:
+    """The diffusion loss for one batch, in fp32: --loss_type per element (masked with --masked_loss), the mean
+    per sample, weighted by min-SNR (--snr_gamma), debiased estimation and the regularization images' prior
+    weight, then the batch mean."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.training_utils import compute_snr
 
     models, device = run.models, run.accelerator.device
     scheduler = models.noise_scheduler
@@ -1534,29 +1964,35 @@ def training_loss(run: Run, args, batch) -> torch.Tensor:
             models, batch["pixels"])
         posterior = DiagonalGaussianDistribution(params.float().to(device))  # no device->host round trip
     latent_shape = posterior.mean.shape[1:]
-    timesteps, noise, latent_eps = (t.to(device) for t in draw_noise(  # drawn on the CPU: device-independent
-        args, batch, latent_shape, scheduler.config.num_train_timesteps))
+    drawn = draw_noise(args, batch, latent_shape, *timestep_range(args, scheduler))  # on the CPU: device-independent
+    timesteps, noise, latent_eps = (t.to(device) for t in drawn[:3])
     latents = (posterior.mean + posterior.std * latent_eps) * models.vae.config.scaling_factor
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents, noise if drawn[3] is None else noise + drawn[3].to(device), timesteps)
     if "prompt_embeds" in batch:
         prompt_embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled"].to(device)
     else:
-        with torch.set_grad_enabled(args.train_text_encoder):
+        with torch.set_grad_enabled(args.train_text_encoder and torch.is_grad_enabled()):
             prompt_embeds, pooled = encode_prompts(text_models(run), batch["caption"])
     dtype = models.weight_dtype
-    prediction = run.trained["unet"](
+    prediction = unet(
         noisy.to(dtype), timesteps, prompt_embeds.to(dtype),
         added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch["time_ids"].to(device, dtype)},
         return_dict=False)[0]
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    threshold = None
+    if args.loss_type in ("huber", "smooth_l1"):
+        threshold = loha_losses.huber_threshold(args.huber_schedule, args.huber_c, args.huber_scale, timesteps,
+                                                scheduler.alphas_cumprod, scheduler.config.num_train_timesteps)
+    per_element = loha_losses.elementwise(prediction, target, args.loss_type, threshold)
     per_sample = masked_mean(per_element, batch["mask"].to(device)) if "mask" in batch else \
         per_element.mean(dim=(1, 2, 3))
-    if args.snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(scheduler, timesteps, args.snr_gamma)
+    if args.snr_gamma is not None or args.debiased_estimation_loss:
+        snr = compute_snr(scheduler, timesteps).float()
+        if args.snr_gamma is not None:
+            per_sample = per_sample * loha_losses.min_snr_weights(snr, args.snr_gamma, v_prediction)
+        if args.debiased_estimation_loss:
+            per_sample = per_sample * loha_losses.debiased_weights(snr, v_prediction)
     if "loss_weight" in batch:  # regularization images: --prior_loss_weight
         per_sample = per_sample * torch.tensor(batch["loss_weight"], device=device, dtype=per_sample.dtype)
     return per_sample.mean()
@@ -1568,15 +2004,6 @@ def masked_mean(per_element: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weight = mask.sum(dim=(1, 2, 3)) * per_element.shape[1]
     total = (per_element * mask).sum(dim=(1, 2, 3))
     return torch.where(weight > 0, total / weight.clamp_min(torch.finfo(weight.dtype).tiny), torch.zeros_like(total))
-
-
-def min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
-    """min(SNR, γ)/SNR for epsilon targets, min(SNR, γ)/(SNR+1) for v targets (Hang et al. 2023)."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps).float()
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
 
 
 def text_models(run: Run) -> Models:
@@ -1607,6 +2034,10 @@ def save_checkpoint(run: Run, args):
                 recorded = {k: v for k, v in settings(args).items() if k not in NOT_RECORDED}
                 recorded["num_processes"] = accelerator.num_processes
                 (Path(tmp[0]) / RUN_ARGS).write_text(json.dumps(recorded, indent=2))
+                (Path(tmp[0]) / LOSSES_FILE).write_text(json.dumps({"train": run.losses,
+                                                                    "validation": run.validation_losses}))
+                if run.ema is not None:
+                    run.ema.save(Path(tmp[0]))
                 (Path(tmp[0]) / STATE_FILE).write_text(json.dumps({"global_step": run.global_step,
                                                                    "factor_storage": factor_storage(args)}))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, without errno
@@ -1617,13 +2048,52 @@ def save_checkpoint(run: Run, args):
                         f"({run.last_checkpoint or 'none'}) is intact") from None
     accelerator.wait_for_everyone()
     run.last_checkpoint = final
+    if accelerator.is_main_process:
+        export_file(run, args, step_file(args, run.global_step))
     if accelerator.is_main_process and args.checkpoints_total_limit:
-        for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+        for step, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
             # Out of sight first, then deleted: a kill during the delete leaves a hidden temp folder
             # (removed at the next start), never a torn folder still named checkpoint-N.
             doomed = old.with_name(f".{old.name}.tmp-pruned")
             os.replace(old, doomed)
             shutil.rmtree(doomed)
+            step_file(args, step).unlink(missing_ok=True)  # its loadable file goes with it
+
+
+def step_file(args, step: int) -> Path:
+    """The loadable file written with checkpoint-<step>: kohya's name for step saves."""
+    return Path(args.output_dir) / f"{args.output_name}-step{step:08d}.safetensors"
+
+
+def save_epoch_file(run: Run, args, epoch: int):
+    """<output_name>-<epoch:06d>.safetensors (kohya's name), keeping the newest --save_last_n_epochs."""
+    if not run.accelerator.is_main_process:
+        return
+    export_file(run, args, Path(args.output_dir) / f"{args.output_name}-{epoch:06d}.safetensors")
+    if args.save_last_n_epochs:
+        pattern = re.compile(re.escape(args.output_name) + r"-(\d{6})\.safetensors")
+        files = sorted((int(m[1]), f) for f in Path(args.output_dir).iterdir() if (m := pattern.fullmatch(f.name)))
+        for _, old in files[:-args.save_last_n_epochs]:
+            old.unlink(missing_ok=True)
+
+
+SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_file(run: Run, args, file: Path, raw: bool = False):
+    """The kohya/LyCORIS file of the adapters now (the EMA's with --use_ema, unless ``raw``), with the full
+    metadata, in --save_precision, written atomically."""
+    parts = adapted_models(run, args)
+    with run.ema.swapped_in() if run.ema is not None and not raw else contextlib.nullcontext():
+        try:
+            loha.export_kohya(parts["unet"], file, text_encoder=parts.get("text_encoder"),
+                              text_encoder_2=parts.get("text_encoder_2"), base_model=recorded_base(args),
+                              naming=args.kohya_naming, dtype=SAVE_DTYPES[args.save_precision],
+                              preset=args.preset or (None if args.target_modules else loha.DEFAULT_PRESET),
+                              metadata=kohya_metadata(run, args))
+        except OSError as e:
+            raise LoHaError(f"could not write {file}: {e.strerror or e}; the latest checkpoint "
+                            f"({run.last_checkpoint or 'none'}) is intact") from None
 
 
 def remove_abandoned_checkpoints(output_dir):
@@ -1634,52 +2104,127 @@ def remove_abandoned_checkpoints(output_dir):
 
 # ===================================================================================== validation
 def validate(run: Run, args):
-    """Images from the live adapter for each --validation_prompt, saved as a PNG grid and logged."""
-    if not args.validation_prompt or run.last_validated_step == run.global_step:
+    """At the start, every --validation_steps and at the end: the validation loss (with a validation set) and
+    images from the live adapter for each --validation_prompt, saved as a PNG grid and logged. With --use_ema
+    both use the averaged adapter, the one the outputs hold."""
+    if run.last_validated_step == run.global_step or not (args.validation_prompt or run.data.validation):
         return
     run.last_validated_step = run.global_step
     accelerator = run.accelerator
     if accelerator.is_main_process:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():  # validation must not shift training RNG
-            images = generate_validation_images(run, args)
-        run.last_grid = save_grid(images, args, run.global_step)
-        log_images(run, images, args)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), \
+                run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+            if run.data.validation:
+                value = validation_loss(run, args)
+                run.validation_losses = [x for x in run.validation_losses if x[0] != run.global_step]
+                run.validation_losses.append((run.global_step, value))
+                accelerator.log({"validation_loss": value}, step=run.global_step)
+                log(run, f"step {run.global_step}: validation loss {value:.5f} ({len(run.data.validation)} images x "
+                         f"{len(run.data.validation_set.timesteps)} timesteps)")
+            if args.validation_prompt:
+                images = generate_validation_images(run, args)
+                run.last_grid = save_grid(images, args, run.global_step)
+                log_images(run, images, args)
     accelerator.wait_for_everyone()
 
 
-def generate_validation_images(run: Run, args) -> list[list]:
+def validation_loss(run: Run, args) -> float:
+    """The mean loss over the validation set's fixed (image, timestep, noise) triples, in eval mode (no rank or
+    module dropout): the same weights always give the same number."""
+    dataset = run.data.validation_set
+    models = adapted_models(run, args)
+    for model in models.values():
+        model.eval()
+    try:
+        text = ({"text_encoder": models["text_encoder"], "text_encoder_2": models["text_encoder_2"]}
+                if "text_encoder" in models else {})
+        bare = dataclasses.replace(run, trained=text)  # text_models() reads the encoders from here
+        losses = [batch_loss(bare, args, collate([dataset[(pos, loha_data.VALIDATION_EPOCH, k)]]), models["unet"])
+                  for pos in range(len(dataset)) for k in range(len(dataset.timesteps))]
+    finally:
+        for model in models.values():
+            model.train()
+    return torch.stack(losses).mean().item()
+
+
+@contextlib.contextmanager
+def sampling_pipeline(run: Run, args):
+    """An SDXLPipeline on the live (unwrapped) models, in eval mode; the frozen parts the step does not need
+    go back to the CPU after."""
     from diffusers import StableDiffusionXLPipeline
 
-    models, accelerator = run.models, run.accelerator
-    device = accelerator.device
-    unwrapped = {name: accelerator.unwrap_model(m, keep_torch_compile=False) for name, m in run.trained.items()}
+    models, device = run.models, run.accelerator.device
+    parts = adapted_models(run, args)
     for model in (models.vae, models.text_encoder, models.text_encoder_2):
         model.to(device)
     pipe = StableDiffusionXLPipeline(
-        vae=models.vae, text_encoder=unwrapped.get("text_encoder", models.text_encoder),
-        text_encoder_2=unwrapped.get("text_encoder_2", models.text_encoder_2), tokenizer=models.tokenizer,
-        tokenizer_2=models.tokenizer_2, unet=unwrapped["unet"], scheduler=models.sampling_scheduler,
+        vae=models.vae, text_encoder=parts.get("text_encoder", models.text_encoder),
+        text_encoder_2=parts.get("text_encoder_2", models.text_encoder_2), tokenizer=models.tokenizer,
+        tokenizer_2=models.tokenizer_2, unet=parts["unet"], scheduler=models.sampling_scheduler,
         add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    for model in unwrapped.values():
+    for model in parts.values():
         model.eval()
-    rows = []
     try:
-        with accelerator.autocast():
-            for prompt in args.validation_prompt:
-                generator = torch.Generator(device=device).manual_seed(args.seed)
-                rows.append(pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generator,
-                                 num_inference_steps=args.num_validation_inference_steps,
-                                 height=args.resolution, width=args.resolution).images)
+        with run.accelerator.autocast():
+            yield pipe
     finally:
-        for model in unwrapped.values():
+        for model in parts.values():
             model.train()
         if args.cache_latents:
             models.vae.to("cpu")
         if args.cache_text_embeddings:
             models.text_encoder.to("cpu")
             models.text_encoder_2.to("cpu")
+
+
+def generate_validation_images(run: Run, args) -> list[list]:
+    rows = []
+    with sampling_pipeline(run, args) as pipe:
+        for prompt in args.validation_prompt:
+            generator = torch.Generator(device=run.accelerator.device).manual_seed(args.seed)
+            rows.append(pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generator,
+                             num_inference_steps=args.num_validation_inference_steps,
+                             height=args.resolution, width=args.resolution).images)
     return rows
+
+
+def sample_prompts(run: Run, args):
+    """--sample_prompts' images of the adapter now (the EMA's with --use_ema): samples/step-<N>-<prompt>-seed<S>.png,
+    each with infer.py's PNG parameters. A prompt whose latents turn NaN/Inf is reported and skipped."""
+    if run.last_sampled_step == run.global_step:
+        return
+    run.last_sampled_step = run.global_step
+    if run.accelerator.is_main_process:
+        prompts = loha_sampling.read_prompts(args.sample_prompts)
+        folder = Path(args.output_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), \
+                run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext(), \
+                sampling_pipeline(run, args) as pipe:
+            default_scheduler = pipe.scheduler
+            for i, p in enumerate(progress_bar(run.accelerator, "sample prompts")(prompts)):
+                sampler = p.sampler or args.sample_sampler
+                pipe.scheduler = loha_sampling.make_scheduler(sampler, default_scheduler.config)
+                params = {"prompt": p.prompt, "negative_prompt": p.negative_prompt,
+                          "seed": args.seed if p.seed is None else p.seed, "steps": p.steps or 30,
+                          "guidance_scale": 7.5 if p.guidance_scale is None else p.guidance_scale, "scheduler": sampler,
+                          "width": p.width or args.resolution, "height": p.height or args.resolution,
+                          "base_model": recorded_base(args), "checkpoint": f"{args.output_dir} step {run.global_step}"
+                          + (" (EMA)" if run.ema is not None else ""), "scale": 1.0}
+                try:
+                    image = loha_sampling.render(pipe, p.prompt, p.negative_prompt, [params["seed"]],
+                                                 steps=params["steps"], guidance=params["guidance_scale"],
+                                                 height=params["height"], width=params["width"])[0]
+                except loha_sampling.NonFiniteLatents as e:
+                    log(run, f"warning: sample prompt {i} (line {p.line}) at step {run.global_step}: {e}; skipped")
+                    continue
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG", pnginfo=loha_sampling.png_parameters(params))
+                loha.atomic_write_bytes(folder / f"step-{run.global_step:06d}-{i:02d}-seed{params['seed']}.png",
+                                        buffer.getvalue())
+            pipe.scheduler = default_scheduler
+    run.accelerator.wait_for_everyone()
 
 
 def save_grid(rows: list[list], args, step: int) -> Path:
@@ -1718,34 +2263,40 @@ def log_images(run: Run, rows, args):
 
 # ======================================================================================== outputs
 def save_final_outputs(run: Run, args):
-    """unet/ (PEFT LoHa folder), <output_name>.safetensors (kohya), training_args.json, README.md, and a
-    last sample grid; each written atomically."""
+    """unet/ (PEFT LoHa folder), <output_name>.safetensors (kohya), with --use_ema also the trained weights as
+    <output_name>-raw.safetensors, training_args.json, README.md and loss.png; each written atomically. Then the
+    last samples."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out, base = Path(args.output_dir), recorded_base(args)
-        unwrapped = {name: accelerator.unwrap_model(m, keep_torch_compile=False) for name, m in run.trained.items()}
+        parts = adapted_models(run, args)
         kohya_file = out / f"{args.output_name}.safetensors"
-        for name in [*unwrapped, kohya_file.name, "training_args.json", "README.md"]:
+        raw_file = out / f"{args.output_name}-raw.safetensors"
+        for name in [*parts, kohya_file.name, raw_file.name, "training_args.json", "README.md", "loss.png"]:
             for abandoned in out.glob(f".{name}.tmp-*"):  # from a write that was killed
                 if abandoned.is_dir():
                     shutil.rmtree(abandoned, ignore_errors=True)
                 else:
                     abandoned.unlink(missing_ok=True)
+        if run.ema is not None:
+            export_file(run, args, raw_file, raw=True)
+        export_file(run, args, kohya_file)
         try:
-            for name, model in unwrapped.items():
-                loha.save(model, out / name, base_model=base)
-            loha.export_kohya(unwrapped["unet"], kohya_file, text_encoder=unwrapped.get("text_encoder"),
-                              text_encoder_2=unwrapped.get("text_encoder_2"), base_model=base,
-                              naming=args.kohya_naming, preset=args.preset or (
-                                  None if args.target_modules else loha.DEFAULT_PRESET),
-                              metadata=kohya_metadata(run, args))
+            with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+                for name, model in parts.items():
+                    loha.save(model, out / name, base_model=base, dtype=SAVE_DTYPES[args.save_precision])
             loha.atomic_write_bytes(out / "training_args.json", json.dumps(settings(args), indent=2).encode())
             loha.atomic_write_bytes(out / "README.md", model_card(run, args).encode())
         except OSError as e:
             raise LoHaError(f"could not write the final outputs to {out}: {e.strerror or e}; the latest checkpoint "
                             f"({run.last_checkpoint or 'none'}) is intact") from None
-    validate(run, args)  # the final adapter's images (unless the last step just made them)
+    validate(run, args)  # the final adapter's images and validation loss (unless the last step just made them)
+    if args.sample_prompts:
+        sample_prompts(run, args)
+    if accelerator.is_main_process:
+        loha_plots.loss_plot(Path(args.output_dir) / "loss.png", run.losses, run.validation_losses,
+                             title=f"{args.output_name}: {run.global_step} steps")
 
 
 def kohya_metadata(run: Run, args) -> dict[str, str]:
@@ -1761,9 +2312,12 @@ def kohya_metadata(run: Run, args) -> dict[str, str]:
         captions.setdefault(subset.name, []).append(caption if isinstance(caption, str) else caption[0])
     first = run.data.datasets[0]
     optimizer = type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer)
+    options = args.optimizer_args or []
+    rates = part_learning_rates(args)
+    text_lr = [rates["text_encoder"], rates["text_encoder_2"]] if args.train_text_encoder else None
     values = {
-        "ss_output_name": args.output_name, "ss_learning_rate": args.learning_rate, "ss_unet_lr": args.learning_rate,
-        "ss_text_encoder_lr": args.learning_rate if args.train_text_encoder else None,
+        "ss_output_name": args.output_name, "ss_learning_rate": args.learning_rate, "ss_unet_lr": rates["unet"],
+        "ss_text_encoder_lr": text_lr if not text_lr or text_lr[0] != text_lr[1] else text_lr[0],
         "ss_num_train_images": sum(e["n_repeats"] * e["img_count"] for e in folders.values()),
         "ss_num_reg_images": sum(e["n_repeats"] * e["img_count"] for e in reg_folders.values()),
         "ss_num_batches_per_epoch": run.batches_per_epoch, "ss_num_epochs": run.num_epochs,
@@ -1771,7 +2325,15 @@ def kohya_metadata(run: Run, args) -> dict[str, str]:
         "ss_max_train_steps": run.max_train_steps, "ss_gradient_checkpointing": args.gradient_checkpointing,
         "ss_gradient_accumulation_steps": args.gradient_accumulation_steps, "ss_lr_scheduler": args.lr_scheduler,
         "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_mixed_precision": run.accelerator.mixed_precision,
-        "ss_optimizer": f"{optimizer.__module__}.{optimizer.__name__}", "ss_max_grad_norm": args.max_grad_norm,
+        "ss_optimizer": f"{optimizer.__module__}.{optimizer.__name__}" + (f"({','.join(options)})" if options else ""),
+        "ss_max_grad_norm": args.max_grad_norm, "ss_scale_weight_norms": args.scale_weight_norms,
+        "ss_min_timestep": args.min_timestep, "ss_max_timestep": args.max_timestep, "ss_loss_type": args.loss_type,
+        "ss_huber_schedule": args.huber_schedule, "ss_huber_c": args.huber_c, "ss_huber_scale": args.huber_scale,
+        "ss_debiased_estimation": args.debiased_estimation_loss, "ss_ip_noise_gamma": args.ip_noise_gamma,
+        "ss_ip_noise_gamma_random_strength": args.ip_noise_gamma_random_strength,
+        "ss_num_validation_images": len(run.data.validation), "ss_validation_split": args.validation_split,
+        "ss_validation_seed": args.seed if run.data.validation else None, "ss_ema_decay":
+            args.ema_decay if args.use_ema else None,
         "ss_resolution": str((first.resolution, first.resolution)), "ss_seed": args.seed,
         "ss_batch_size_per_device": first.batch_size, "ss_cache_latents": args.cache_latents,
         "ss_enable_bucket": first.enable_bucket, "ss_min_bucket_reso": first.min_bucket_reso,
@@ -1809,6 +2371,14 @@ def model_card(run: Run, args) -> str:
             "batch size (per device x processes x accumulation)":
                 f"{args.train_batch_size} x {run.accelerator.num_processes} x {args.gradient_accumulation_steps}",
             "learning rate / schedule": f"{args.learning_rate} / {args.lr_scheduler}",
+            "learning rate per part": ", ".join(f"{part} {lr:g}" for part, lr in part_learning_rates(args).items()),
+            "optimizer": " ".join([args.optimizer, *(args.optimizer_args or [])]),
+            "loss": args.loss_type + (f" (huber_c {args.huber_c}, {args.huber_schedule} schedule)"
+                                      if args.huber_c else "") + (f", min-SNR gamma {args.snr_gamma}"
+                                                                  if args.snr_gamma else "")
+            + (", debiased estimation" if args.debiased_estimation_loss else ""),
+            "EMA": f"decay {args.ema_decay} (the files hold the average)" if args.use_ema else "no",
+            "started from": args.network_weights or "a new adapter",
             "mixed precision": run.accelerator.mixed_precision, "seed": args.seed,
             "training images": len(run.data.samples)}
     if getattr(args, "flag_history", None):

@@ -37,6 +37,7 @@ from .inject import (
     loha_layers,
     merge,
     preset_targets,
+    scale_weight_norms,
     set_forward_mode,
     set_scale,
     stack,
@@ -51,7 +52,7 @@ __all__ = [
     "LoHaFileError", "LoHaLayer", "LoHaLinear", "LoHaStack", "PRESETS", "TEXT_ENCODER_TARGETS", "adapter_modules",
     "adapter_state_dict", "atomic_directory", "atomic_file", "atomic_write_bytes", "count_parameters", "eject",
     "export_kohya", "inject", "load", "loha_layers", "merge", "preset_targets", "read_adapter", "read_safetensors",
-    "safetensors_bytes", "save", "set_forward_mode", "set_scale", "stack", "trainable_parameters", "unmerge", "unstack",
-    "write_safetensors",
+    "safetensors_bytes", "save", "scale_weight_norms", "set_forward_mode", "set_scale", "stack",
+    "trainable_parameters", "unmerge", "unstack", "write_safetensors",
 ]
 __version__ = "0.2.0"

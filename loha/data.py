@@ -69,7 +69,8 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def samples_from_folder(data_dir, caption_column: str = "text", caption_extension: str = ".txt") -> list[Sample]:
+def samples_from_folder(data_dir, caption_column: str = "text", caption_extension: str = ".txt",
+                        what: str = "--train_data_dir") -> list[Sample]:
     """An imagefolder with ``metadata.jsonl`` (``file_name`` + caption column), or kohya's layout of
     ``photo.png`` beside ``photo.txt`` (searched recursively).
 
@@ -79,13 +80,13 @@ def samples_from_folder(data_dir, caption_column: str = "text", caption_extensio
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise LoHaError(f"--train_data_dir {root} does not exist or is not a folder")
+        raise LoHaError(f"{what} {root} does not exist or is not a folder")
     root = root.resolve()
     metadata = root / "metadata.jsonl"
     entries = _read_metadata(metadata, caption_column) if metadata.is_file() else _read_kohya_folder(
         root, caption_extension)
     if not entries:
-        raise LoHaError(f"--train_data_dir {root} holds no images (expected metadata.jsonl, or images with "
+        raise LoHaError(f"{what} {root} holds no images (expected metadata.jsonl, or images with "
                         f"{caption_extension} captions beside them)")
     samples = []
     for i, (name, caption) in enumerate(entries):
@@ -420,6 +421,30 @@ def choose_caption(caption, seed: int, epoch: int, index: int, dropout: float, d
 def caption_variant(text: str, subset: Subset, seed: int, variant: int) -> str:
     """Variant ``variant`` of a caption under its subset's rules, the same for every sample with that caption."""
     return process_caption(text, subset, rng_for(seed, "caption variant", text, variant))
+
+
+# -------------------------------------------------------------------------------------- validation
+VALIDATION_EPOCH = -1  # the "epoch" validation items are keyed by: never a training epoch
+
+
+def split_validation(checked: list[CheckedSample], fraction: float, seed: int
+                     ) -> tuple[list[CheckedSample], list[CheckedSample]]:
+    """(training, validation): a seeded choice of round(n·fraction) of the n training images (at least one,
+    never all; regularization images always train), as kohya's --validation_split holds them out."""
+    candidates = [c for c in checked if not c.sample.subset.is_reg]
+    held = max(1, round(len(candidates) * fraction))
+    if held >= len(candidates):
+        raise LoHaError(f"--validation_split {fraction} would hold out {held} of the {len(candidates)} training "
+                        "images, leaving none to train on; lower it or add images")
+    order = [c.index for c in candidates]
+    rng_for(seed, "validation split").shuffle(order)
+    chosen = set(order[:held])
+    return [c for c in checked if c.index not in chosen], [c for c in checked if c.index in chosen]
+
+
+def validation_timesteps(low: int, high: int, count: int = 4) -> list[int]:
+    """kohya's fixed validation timesteps: ``count`` evenly spaced inside (low, high), ends excluded."""
+    return [int(t) for t in np.linspace(low, high, count + 2, dtype=int)[1:-1]]
 
 
 # -------------------------------------------------------------------------------------- batch plan

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import math as lm
 from .grouped import LoHaStack
 from .layer import FACTOR_NAMES, AdapterLayer, LoHaError, LoHaLayer, adapter_for
 
@@ -306,6 +307,39 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+@torch.no_grad()
+def scale_weight_norms(model: nn.Module, max_norm: float) -> tuple[int, torch.Tensor]:
+    """Max-norm regularization (kohya's --scale_weight_norms, LyCORIS's apply_max_norm): every LoHa layer whose
+    ‖scale·ΔW‖_F exceeds ``max_norm`` gets its a and b factors (both halves) multiplied by
+    (max_norm/‖scale·ΔW‖)^¼, so that its ΔW's norm becomes ``max_norm``; Tucker cores are left as they are.
+    DoRA layers are left alone (their change is not a product of factors). Returns (how many layers were
+    scaled, every layer's norm after scaling)."""
+    if not max_norm > 0:
+        raise LoHaError(f"max_norm must be > 0, got {max_norm}")
+    groups = [(s.factors(), s.layers) for s in stacks_of(model)]
+    for layer in loha_layers(model).values():
+        if layer._stack is None and layer.dora_scale is None:
+            f = layer.factors()
+            groups.append(((torch.stack([f[0], f[2]])[None], torch.stack([f[1], f[3]])[None],
+                            *([torch.stack([f[4], f[5]])[None]] if len(f) == 6 else [])), [layer]))
+    scaled, after = 0, []
+    for (a, b, *t), layers in groups:
+        scales = torch.tensor([abs(layer.scale) for layer in layers], device=a.device, dtype=a.dtype)
+        norms = lm.delta_norms(a, b, t[0] if t else None) * scales
+        ratio = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+        factor = ratio.pow(0.25).view(-1, 1, 1, 1)
+        if len(layers) == 1 and layers[0]._stack is None:  # a per-layer adapter: scale its own Parameters
+            f = layers[0].factors()
+            for p in f[:4]:
+                p.mul_(factor[0, 0])
+        else:
+            a.mul_(factor)
+            b.mul_(factor)
+        scaled += int((ratio < 1).sum())
+        after.append(norms * ratio)
+    return scaled, torch.cat(after) if after else torch.zeros(0)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{"<module path>.hada_w1_a": tensor, ...}: every adapter tensor (factors, dora_scale, diff, diff_b), detached."""
     out = {}
@@ -325,4 +359,5 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = ["DEFAULT_TARGETS", "FACTOR_NAMES", "PRESETS", "TEXT_ENCODER_TARGETS", "inject", "eject", "stack",
            "unstack", "stacks_of", "merge", "unmerge", "set_scale", "set_forward_mode", "trainable_parameters",
-           "adapter_state_dict", "count_parameters", "adapter_modules", "loha_layers", "preset_targets"]
+           "adapter_state_dict", "count_parameters", "scale_weight_norms", "adapter_modules", "loha_layers",
+           "preset_targets"]

@@ -136,6 +136,16 @@ def khatri_rao_grads(m, n, a, b, coef=1.0, dtype=torch.float32):
     return da, db
 
 
+def delta_norms(a, b, t=None):
+    """‖ΔW‖_F of each layer of stacked paired factors (n, 2, …), without building ΔW: with ΔW = K·R (the
+    Khatri-Rao form), ‖K·R‖² = Σ (KᵀK) ⊙ (R·Rᵀ), two r²×r² Gram matrices per layer. In the factors' precision
+    (fp32 or wider)."""
+    k, r = khatri_rao(*matrices(a, b, t))
+    gram_k = torch.matmul(k.transpose(-1, -2), k)
+    gram_r = torch.matmul(r, r.transpose(-1, -2))
+    return (gram_k * gram_r).sum(dim=(-1, -2)).clamp_min(0).sqrt()
+
+
 def wide(t):
     """t in fp32, or as it is when already fp32/fp64: the precision merges, DoRA and fits are computed in (16-bit
     and fp8 storage are widened)."""
