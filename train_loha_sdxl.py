@@ -539,6 +539,9 @@ def check_optimizer_args(args, need):
     rates = part_learning_rates(args)
     need(any(rates.values()), "every learning rate is 0: nothing would train (" + ", ".join(
         f"{part} {lr:g}" for part, lr in rates.items()) + ")")
+    need(args.optimizer not in loha_opt.ONE_STEP_SIZE or len({lr for lr in rates.values() if lr}) == 1,
+         f"{args.optimizer} adapts one step size for every part: give the UNet and the text encoders the same "
+         "learning rate (1.0 is usual), or 0 to freeze one")
     if loha_opt.relative_step(args.optimizer, options):
         need(args.lr_scheduler == "adafactor",
              "Adafactor with relative_step=True (its default) chooses its own step size: use --lr_scheduler adafactor, "
@@ -819,7 +822,9 @@ def load_network_weights(models: Models, args, inject_options: dict | None = Non
     try:
         loha.load(target, adapter, **(inject_options or {}))
     except loha.LoHaFileError as e:
-        raise LoHaError(f"--network_weights: {e}" + ("" if inject_options else hint)) from None
+        library_hint = re.compile(r";? call loha\.eject\(model\) first to load a different adapter")
+        raise LoHaError(f"--network_weights: {library_hint.sub('', str(e))}" + ("" if inject_options else hint)) \
+            from None
     if inject_options is None:
         for c in sorted(parts):
             for path, layer in loha.loha_layers(getattr(models, c)).items():
@@ -1193,6 +1198,11 @@ def print_plan(data: TrainingData, args, accelerator):
               + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())),
               f"  {batches} batches per epoch on {accelerator.num_processes} process(es), {updates} updates per epoch "
               f"(accumulating {args.gradient_accumulation_steps}); {epochs} epochs, {total} steps"]
+    if data.validation:
+        source = (f"held out by --validation_split {args.validation_split}" if args.validation_split else
+                  f"from --validation_data_dir {args.validation_data_dir}")
+        lines.append(f"  validation: {len(data.validation)} images {source}, each at 4 fixed timesteps, every "
+                     f"{args.validation_steps} steps")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -2421,9 +2431,20 @@ def summary(run: Run, args) -> str:
     lines = [f"{head}; wrote to {out}/:",
              f"  unet/ (PEFT LoHa folder){' + text_encoder/, text_encoder_2/' if args.train_text_encoder else ''}",
              f"  {args.output_name}.safetensors (kohya/LyCORIS: ComfyUI, AUTOMATIC1111)",
-             "  training_args.json, README.md"]
+             "  training_args.json, README.md, loss.png"]
+    if args.use_ema:
+        lines.insert(3, f"  {args.output_name}-raw.safetensors (the trained weights; the other files hold the EMA)")
+    saved = sorted(out.glob(f"{args.output_name}-*.safetensors"))
+    saved = [f for f in saved if f.name != f"{args.output_name}-raw.safetensors"]
+    if saved:
+        lines.append(f"  {len(saved)} files saved along the way: {saved[0].name} ... {saved[-1].name}")
+    if run.validation_losses:
+        lines.append(f"  validation loss: {run.validation_losses[0][1]:.5f} at step {run.validation_losses[0][0]}, "
+                     f"{run.validation_losses[-1][1]:.5f} at step {run.validation_losses[-1][0]}")
     if run.last_grid:
         lines.append(f"  samples: {run.last_grid.parent}/ (latest {run.last_grid.name})")
+    elif args.sample_prompts:
+        lines.append(f"  samples: {out / 'samples'}/")
     if run.last_checkpoint:
         lines.append(f"  checkpoints: latest {run.last_checkpoint.name}")
     if args.report_to == "tensorboard":

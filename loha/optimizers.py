@@ -31,6 +31,7 @@ OPTIMIZERS = {
     "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation", True),
 }
 ADAM_FAMILY = ("AdamW", "AdamW8bit")  # what --adam_beta1/--adam_beta2/--adam_epsilon/--adam_weight_decay set
+ONE_STEP_SIZE = ("Prodigy", "DAdaptAdam")  # adapt one step size: their param groups' nonzero lrs must be equal
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
              "piecewise_constant", "adafactor")
 
