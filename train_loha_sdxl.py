@@ -1397,7 +1397,12 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
         add_adapters(models, args)
         trained = trained_models(models, args)
         params = [p for model in trained.values() for p in loha.trainable_parameters(model)]
-        optimizer, views = make_optimizer(trained, args)
+        if loha_opt.OPTIMIZERS[args.optimizer][3]:  # their steps read scalars: their state is counted instead
+            views = loha_opt.LayerViews([{"models": [m]} for m in trained.values()])
+            optimizer = loha.memory.StandInOptimizer([p for g in views.groups for p in g["params"]], args.optimizer,
+                                                     loha_opt.parse_args(args.optimizer_args))
+        else:
+            optimizer, views = make_optimizer(trained, args)
         ema = loha_ema.FactorEMA(params, args.ema_decay) if args.use_ema else None
         for model in trained.values():
             model.train()
@@ -1914,7 +1919,7 @@ def after_update(run: Run, args):
                                                args.scale_weight_norms)
             scaled, norms = scaled + n, norms + [after]
         norms = torch.cat(norms)
-        run.max_norm_log = {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": norms.mean().item(),
+        run.max_norm_log = {"max_norm/keys_scaled": int(scaled), "max_norm/average_key_norm": norms.mean().item(),
                             "max_norm/max_key_norm": norms.max().item()}
     if run.ema is not None:
         run.ema.step()

@@ -308,12 +308,12 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def scale_weight_norms(model: nn.Module, max_norm: float) -> tuple[int, torch.Tensor]:
+def scale_weight_norms(model: nn.Module, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Max-norm regularization (kohya's --scale_weight_norms, LyCORIS's apply_max_norm): every LoHa layer whose
     ‖scale·ΔW‖_F exceeds ``max_norm`` gets its a and b factors (both halves) multiplied by
     (max_norm/‖scale·ΔW‖)^¼, so that its ΔW's norm becomes ``max_norm``; Tucker cores are left as they are.
     DoRA layers are left alone (their change is not a product of factors). Returns (how many layers were
-    scaled, every layer's norm after scaling)."""
+    scaled, every layer's norm after scaling), as tensors on the factors' device: reading them waits for it."""
     if not max_norm > 0:
         raise LoHaError(f"max_norm must be > 0, got {max_norm}")
     groups = [(s.factors(), s.layers) for s in stacks_of(model)]
@@ -322,7 +322,7 @@ def scale_weight_norms(model: nn.Module, max_norm: float) -> tuple[int, torch.Te
             f = layer.factors()
             groups.append(((torch.stack([f[0], f[2]])[None], torch.stack([f[1], f[3]])[None],
                             *([torch.stack([f[4], f[5]])[None]] if len(f) == 6 else [])), [layer]))
-    scaled, after = 0, []
+    scaled, after = torch.zeros((), dtype=torch.int64), []
     for (a, b, *t), layers in groups:
         scales = torch.tensor([abs(layer.scale) for layer in layers], device=a.device, dtype=a.dtype)
         norms = lm.delta_norms(a, b, t[0] if t else None) * scales
@@ -335,7 +335,7 @@ def scale_weight_norms(model: nn.Module, max_norm: float) -> tuple[int, torch.Te
         else:
             a.mul_(factor)
             b.mul_(factor)
-        scaled += int((ratio < 1).sum())
+        scaled = scaled.to(ratio.device) + (ratio < 1).sum()
         after.append(norms * ratio)
     return scaled, torch.cat(after) if after else torch.zeros(0)
 

@@ -322,3 +322,50 @@ def step_peak(models, params, optimizer, run_step, inputs, during=None) -> Peak:
         for h in hooks:
             h.remove()
     return tracker.peak
+
+
+def optimizer_state_layout(name: str, p: torch.Tensor, options: dict) -> list[tuple[tuple, torch.dtype]]:
+    """The (shape, dtype) of each state tensor optimizer ``name`` keeps for ``p`` once it has stepped, as its own
+    package allocates them: bitsandbytes' AdamW8bit (two uint8 buffers and an fp32 absmax per 256-element block,
+    fp32 below ``min_8bit_size``), Prodigy (s and p0 over every ``slice_p``-th element, two moments), DAdaptAdam
+    (s and two moments), transformers' Adafactor (factored second moment over rows and columns of a matrix, a
+    first moment only with ``beta1``)."""
+    n, shape, dt = p.numel(), tuple(p.shape), p.dtype
+    if name == "AdamW8bit":
+        if n < options.get("min_8bit_size", 4096):
+            return [(shape, torch.float32)] * 2
+        blocks = -(-n // 256)
+        return [((n,), torch.uint8)] * 2 + [((blocks,), torch.float32)] * 2
+    if name == "Prodigy":
+        sliced = (-(-n // options.get("slice_p", 1)),)
+        return [(sliced, dt)] * 2 + [(shape, dt)] * (2 if options.get("betas", (0.9,))[0] > 0 else 1)
+    if name == "DAdaptAdam":
+        return [(shape, dt)] * 3
+    if name == "Adafactor":
+        moments = [(shape, dt)] if options.get("beta1") is not None else []
+        if len(shape) >= 2:
+            return moments + [(shape[:-1], dt), (shape[:-2] + shape[-1:], dt)]
+        return moments + [(shape, dt)]
+    raise ValueError(f"no state layout for optimizer {name!r}")
+
+
+class StandInOptimizer(torch.optim.Optimizer):
+    """The memory of an optimizer whose step cannot run on fake tensors (it reads scalars with .item(), or calls
+    kernels of its own): the state the real one keeps after its first step (``optimizer_state_layout``), made at
+    once, and in each step one temporary of each tensor's size while it is updated, as the real ones update in
+    place tensor by tensor. Its updates change nothing: it is for counting bytes, never for training."""
+
+    def __init__(self, params, name: str, options: dict):
+        super().__init__(params, {})
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {f"state{i}": torch.zeros(shape, dtype=dtype, device=p.device)
+                                 for i, (shape, dtype) in enumerate(optimizer_state_layout(name, p, options))}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    update = p.grad * 1.0
+                    p.sub_(update, alpha=0.0)

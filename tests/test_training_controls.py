@@ -581,3 +581,57 @@ def test_every_new_flag_is_classified_for_resume():
                  "--sample_prompts", "--validation_split", "--use_ema", "--scale_weight_norms"):
         assert flag in help_text
     assert D.validation_timesteps(100, 900) == [260, 420, 580, 740]
+
+
+# ------------------------------------------------------------------------------ recipes
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "examples" / "recipes").glob("*.sh")))
+def test_each_recipe_runs_as_a_dry_run(tiny_pipeline_dir, tmp_path, recipe):
+    """Each recipe as a user runs it (bash, `accelerate launch` on PATH), on the tiny pipeline and a kohya folder,
+    with --dry_run: every flag it sets is accepted, and the plan and the memory estimate come out."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data" / "10_sks dog"
+    data.mkdir(parents=True)
+    for image in sorted(EXAMPLES.glob("*.jpg"))[:3]:
+        shutil.copy(image, data / image.name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text(f"#!/bin/sh\nshift\nexec {sys.executable} \"$@\"\n")
+    (bin_dir / "accelerate").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODEL": str(tiny_pipeline_dir),
+           "DATA": str(tmp_path / "data"), "INSTANCE": str(data), "CLASS": str(data), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "recipes" / recipe), "--dry_run",
+                           "--pretrained_vae_model_name_or_path", str(tiny_pipeline_dir / "vae")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "steps" in proc.stderr and "estimated peak" in (proc.stdout + proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", [n for n, spec in O.OPTIMIZERS.items() if spec[3]])
+def test_the_estimate_counts_each_optimizers_real_state(name):
+    """The dry run cannot step these optimizers on fake tensors (they read scalars), so it allocates their state by
+    loha.memory.optimizer_state_layout: byte for byte what the real optimizer keeps after a step."""
+    from loha import memory
+
+    options, lr = OPTIMIZER_SETTINGS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80), nn.Linear(96, 80), nn.Conv2d(8, 16, 3))  # 8-bit and 32-bit states
+    loha.inject(model, rank=8, target_modules=["0", "1", "2"], use_tucker=True)
+    with torch.no_grad():  # Prodigy keeps a 0-dim p0 for an all-zero tensor (w2a at init); the layout counts it whole
+        for p in loha.trainable_parameters(model):
+            p.normal_()
+    optimizer, views = O.make(name, [{"models": [model], "lr": lr}], dict(options))
+    (model[0](torch.randn(3, 96)).sum() + model[1](torch.randn(3, 96)).sum()
+     + model[2](torch.randn(1, 8, 5, 5)).sum()).backward()
+    views.hand_gradients()
+    optimizer.step()
+    for p in (p for g in views.groups for p in g["params"]):
+        real = sum(t.nbytes for k, t in optimizer.state[p].items() if isinstance(t, torch.Tensor) and "qmap" not in k
+                   and t.dim() > 0)
+        counted = sum(math.prod(shape) * dtype.itemsize for shape, dtype in
+                      memory.optimizer_state_layout(name, p, options))
+        assert counted == real, (tuple(p.shape), counted, real)
