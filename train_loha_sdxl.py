@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the frozen weights and activations (LoHa factors stay fp32); default: "
                         "accelerate's config")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", **on_off,
                    help="torch.compile the UNet (GPU; on CPU only with --compile_backend aot_eager)")
     g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode; reduce-overhead captures CUDA graphs (one per bucket shape)")
@@ -2442,7 +2442,8 @@ def summary(run: Run, args) -> str:
     saved = sorted(out.glob(f"{args.output_name}-*.safetensors"))
     saved = [f for f in saved if f.name != f"{args.output_name}-raw.safetensors"]
     if saved:
-        lines.append(f"  {len(saved)} files saved along the way: {saved[0].name} ... {saved[-1].name}")
+        lines.append(f"  saved along the way: {saved[0].name}" if len(saved) == 1 else
+                     f"  {len(saved)} files saved along the way: {saved[0].name} ... {saved[-1].name}")
     if run.validation_losses:
         lines.append(f"  validation loss: {run.validation_losses[0][1]:.5f} at step {run.validation_losses[0][0]}, "
                      f"{run.validation_losses[-1][1]:.5f} at step {run.validation_losses[-1][0]}")

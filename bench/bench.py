@@ -416,6 +416,10 @@ def build_variant(name, args, device, dtype) -> Variant:
     unet = build_unet(args.model, device, dtype, args.seed)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.base_precision == "fp8":
+        from loha.fp8 import store_fp8
+
+        store_fp8(unet.requires_grad_(False))
     params, extras = add_adapter(name, unet, args.rank, args.preset, conv_rank=args.conv_rank)
     unet.train()
     if args.compile:
@@ -716,7 +720,7 @@ def parse_args(argv=None):
                    help="--count's step: the trainer's, or the H200 anchor harness's (to validate the peak)")
     p.add_argument("--conv_rank", type=int, default=None, help="rank of convs larger than 1x1 (default: --rank)")
     p.add_argument("--base_precision", choices=("auto", "fp8"), default="auto",
-                   help="--count: the UNet's frozen Linear/Conv2d weights in --dtype (auto) or fp8, every variant")
+                   help="the UNet's frozen Linear/Conv2d weights in --dtype (auto) or fp8, every variant")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet of every variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ON_REQUEST, metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all of them), or {', '.join(ON_REQUEST)}")
