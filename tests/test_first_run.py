@@ -51,7 +51,8 @@ def test_the_package_installs_loha_and_nothing_else(tmp_path):
     assert not any(n.endswith((".cpp", ".so", ".c")) for n in names)  # one form of the math, in Python
     metadata = zipfile.ZipFile(wheel).read(f"loha_sdxl-{loha.__version__}.dist-info/METADATA").decode()
     required = sorted(line.split(":", 1)[1].strip() for line in metadata.splitlines()
-                      if line.startswith("Requires-Dist:"))
+                      if line.startswith("Requires-Dist:") and "extra ==" not in line)
+    assert "Provides-Extra: optimizers" in metadata  # pip install .[optimizers]: the optional optimizers
     listed = sorted(line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
                     if line.split("#")[0].strip())
     canonical = lambda spec: re.sub(r"\s+", "", spec).lower().split(";")[0]

@@ -535,12 +535,9 @@ def test_bad_dataset_sources(tiny_pipeline_dir, tmp_path, capsys):
     (["--dataset_name", "x"], "exactly one of --train_data_dir, --dataset_name and --dataset_config"),
     (["--caption_dropout", "1.5"], "--caption_dropout must be in [0, 1)"),
     (["--rank", "abc"], "invalid int value"),
-    (["--use_8bit_adam"], "needs `pip install bitsandbytes`"),
     (["--report_to", "wandb"], "needs `pip install wandb`"),
 ])
 def test_bad_flags_give_one_line(tmp_path, capsys, flags, message):
-    if "--use_8bit_adam" in flags and importlib.util.find_spec("bitsandbytes"):
-        pytest.skip("bitsandbytes is installed here")
     if "wandb" in flags and importlib.util.find_spec("wandb"):
         pytest.skip("wandb is installed here")
     with pytest.raises(SystemExit) as e:

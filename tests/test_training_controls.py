@@ -196,13 +196,17 @@ def test_optimizer_and_schedule_errors_are_one_line(tiny_pipeline_dir, tmp_path,
     argv = argv_for(tiny_pipeline_dir, tmp_path / "o", tmp_path / "c")
     real = importlib.import_module
 
-    def without_prodigy(name, *a, **kw):
-        if name == "prodigyopt":
-            raise ImportError("No module named 'prodigyopt'")
-        return real(name, *a, **kw)
+    def without(package):
+        def import_module(name, *a, **kw):
+            if name.split(".")[0] == package:
+                raise ImportError(f"No module named '{package}'")
+            return real(name, *a, **kw)
+        return import_module
 
-    monkeypatch.setattr(importlib, "import_module", without_prodigy)
+    monkeypatch.setattr(importlib, "import_module", without("prodigyopt"))
     refused(capsys, [*argv, "--optimizer", "prodigy"], "--optimizer Prodigy needs `pip install prodigyopt`")
+    monkeypatch.setattr(importlib, "import_module", without("bitsandbytes"))
+    refused(capsys, [*argv, "--use_8bit_adam"], "--optimizer AdamW8bit needs `pip install bitsandbytes`")
     monkeypatch.undo()
     refused(capsys, [*argv, "--optimizer", "SGDNesterov"], "unknown optimizer 'SGDNesterov'")
     refused(capsys, [*argv, "--optimizer", "Adafactor"], "use --lr_scheduler adafactor")
