@@ -381,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompt", action="append", default=None,
                    help="prompt for sample images (repeatable); default: none (no samples)")
     g.add_argument("--num_validation_images", type=int, default=4, help="sample images per validation prompt")
-    g.add_argument("--validation_steps", type=int, default=500, help="render samples every this many updates")
+    g.add_argument("--validation_steps", type=int, default=500,
+                   help="render the --validation_prompt images and compute the validation loss every this many "
+                        "updates")
     g.add_argument("--num_validation_inference_steps", type=int, default=25, help="sampling steps per sample image")
     g.add_argument("--sample_prompts", default=None,
                    help="kohya's sample-prompt file: a prompt a line, with --n negative --w width --h height --d seed "
