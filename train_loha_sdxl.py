@@ -1131,8 +1131,8 @@ def cache_features(data: TrainingData, models: Models, args, accelerator):
         sets.append(data.validation_set)
     with accelerator.main_process_first():
         if args.cache_latents:
-            todo = [(s, d.augmentation(s, 0, 0), d) for d in sets for s in d.samples]
-            todo = [(s, aug, dataset.latent_key(s, aug)) for s, aug, d in todo]
+            todo = [(s, d.augmentation(s, 0, 0)) for d in sets for s in d.samples]
+            todo = [(s, aug, dataset.latent_key(s, aug)) for s, aug in todo]
             todo = [t for t in todo if not data.cache.has("latents", t[2], ("params",))]
             for sample, aug, key in progress_bar(accelerator, "caching latents")(todo):
                 pixels, _ = loha_data.pixels_and_time_ids(sample.sample.read_bytes(), sample.bucket, aug)
@@ -1203,7 +1203,8 @@ def print_plan(data: TrainingData, args, accelerator):
     if data.validation:
         source = (f"held out by --validation_split {args.validation_split}" if args.validation_split else
                   f"from --validation_data_dir {args.validation_data_dir}")
-        lines.append(f"  validation: {len(data.validation)} images {source}, each at 4 fixed timesteps, every "
+        lines.append(f"  validation: {len(data.validation)} images {source}, each at "
+                     f"{loha_data.VALIDATION_TIMESTEPS} fixed timesteps, every "
                      f"{args.validation_steps} steps")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
@@ -1423,7 +1424,7 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
         else:
             batch["caption"] = ["a photo"] * batch_size
         run = SimpleNamespace(models=models, accelerator=SimpleNamespace(device=torch.device("cpu")), trained=trained,
-                              unet=unet)
+                              unet=unet, views=views, params=params, optimizer=optimizer, ema=ema, max_norm=None)
         resident = [unet] + ([] if args.cache_latents else [vae]) + ([] if args.cache_text_embeddings else encoders)
 
         def step(tracker):
@@ -1432,18 +1433,8 @@ def fake_step_peak(args, configs: dict, source, bucket, mixed_precision: str):
             tracker.phase = "temporaries"
             loss.backward()
             tracker.phase = "optimizer"
-            if views is not None:
-                views.hand_gradients()
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            if args.scale_weight_norms:
-                for model in trained.values():
-                    loha.scale_weight_norms(model, args.scale_weight_norms)
-            if ema is not None:
-                ema.step()
-            optimizer.zero_grad(set_to_none=True)
-            loha_opt.zero_stacked_grads(params)
+            apply_update(run, args, torch.nn.utils.clip_grad_norm_)
+            clear_gradients(run)
 
         return loha.memory.step_peak(resident, params, optimizer, step, batch)
 
@@ -1492,7 +1483,7 @@ class Run:
     losses: list = dataclasses.field(default_factory=list)  # (step, training loss), the whole run's
     validation_losses: list = dataclasses.field(default_factory=list)  # (step, validation loss)
     last_sampled_step: int | None = None
-    max_norm_log: dict = dataclasses.field(default_factory=dict)
+    max_norm: tuple | None = None  # (modules scaled, norms after) of the last update's max-norm, on the device
 
 
 def prepare_training(models: Models, data: TrainingData, args, accelerator) -> Run:
@@ -1813,7 +1804,11 @@ def train(run: Run, args):
             bar.update(1)
             bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{lrs[0]:.2e}")
             run.losses.append((run.global_step, loss))
-            logged = {"loss": run.last_loss, "lr": lrs[0], **run.max_norm_log}
+            logged = {"loss": run.last_loss, "lr": lrs[0]}
+            if run.max_norm is not None:
+                scaled, norms = run.max_norm
+                logged.update({"max_norm/keys_scaled": int(scaled), "max_norm/average_key_norm": norms.mean().item(),
+                               "max_norm/max_key_norm": norms.max().item()})
             if len(lrs) > 1:
                 logged.update({f"lr/{part}": lr for part, lr in zip(run.trained, lrs)})
             accelerator.log(logged, step=run.global_step)
@@ -1899,32 +1894,36 @@ def train_one_update(run: Run, args, batches: list[dict]) -> tuple[bool, float]:
                 accelerator.backward(loss / len(batches))
                 losses.append(loss.detach())
     if finite:
-        if run.views is not None:
-            run.views.hand_gradients()  # before clipping: the views' gradients are slices of the stacks'
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
-        run.optimizer.step()
-        after_update(run, args)
+        apply_update(run, args, accelerator.clip_grad_norm_)
     run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    loha_opt.zero_stacked_grads(run.params)
+    clear_gradients(run)
     mean_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item() if finite else float("nan")
     return finite, mean_loss
 
 
-def after_update(run: Run, args):
-    """Max-norm (kohya's --scale_weight_norms) on the updated factors, then the EMA of the result."""
-    if args.scale_weight_norms:
-        scaled, norms = 0, []
-        for model in run.trained.values():
-            n, after = loha.scale_weight_norms(run.accelerator.unwrap_model(model, keep_torch_compile=False),
-                                               args.scale_weight_norms)
-            scaled, norms = scaled + n, norms + [after]
-        norms = torch.cat(norms)
-        run.max_norm_log = {"max_norm/keys_scaled": int(scaled), "max_norm/average_key_norm": norms.mean().item(),
-                            "max_norm/max_key_norm": norms.max().item()}
+def apply_update(run, args, clip_grad_norm):
+    """One optimizer update from the gradients a step left, as the training loop runs it and the memory
+    estimate counts it: the per-layer views handed their slices of the stacks' gradients (before clipping),
+    clipping, the step, max-norm (kohya's --scale_weight_norms) on the updated factors, then the EMA of the
+    result. Max-norm's count and norms stay on the device until they are logged."""
+    if run.views is not None:
+        run.views.hand_gradients()
+    if args.max_grad_norm > 0:
+        clip_grad_norm(run.params, args.max_grad_norm)
+    run.optimizer.step()
+    if args.scale_weight_norms:  # DDP wrappers hold the same layers: loha finds them through named_modules
+        results = [loha.scale_weight_norms(model, args.scale_weight_norms) for model in run.trained.values()]
+        run.max_norm = (sum(n for n, _ in results), torch.cat([norms for _, norms in results]))
     if run.ema is not None:
         run.ema.step()
+
+
+def clear_gradients(run):
+    """The optimizer's gradients, and with per-layer views the stacks' too (the views' optimizer sees only its
+    views)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.views is not None:
+        run.views.clear_stack_gradients()
 
 
 def timestep_range(args, scheduler) -> tuple[int, int]:
@@ -2219,7 +2218,7 @@ def sample_prompts(run: Run, args):
         with torch.random.fork_rng(devices=[]), torch.no_grad(), \
                 run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext(), \
                 sampling_pipeline(run, args) as pipe:
-            default_scheduler = pipe.scheduler
+            default_scheduler = pipe.scheduler  # the pipeline is made for these images only: no need to restore it
             for i, p in enumerate(progress_bar(run.accelerator, "sample prompts")(prompts)):
                 sampler = p.sampler or args.sample_sampler
                 pipe.scheduler = loha_sampling.make_scheduler(sampler, default_scheduler.config)
@@ -2240,7 +2239,6 @@ def sample_prompts(run: Run, args):
                 image.save(buffer, format="PNG", pnginfo=loha_sampling.png_parameters(params))
                 loha.atomic_write_bytes(folder / f"step-{run.global_step:06d}-{i:02d}-seed{params['seed']}.png",
                                         buffer.getvalue())
-            pipe.scheduler = default_scheduler
     run.accelerator.wait_for_everyone()
 
 

@@ -425,6 +425,7 @@ def caption_variant(text: str, subset: Subset, seed: int, variant: int) -> str:
 
 # -------------------------------------------------------------------------------------- validation
 VALIDATION_EPOCH = -1  # the "epoch" validation items are keyed by: never a training epoch
+VALIDATION_TIMESTEPS = 4  # per validation image, as kohya's validation loss takes them
 
 
 def split_validation(checked: list[CheckedSample], fraction: float, seed: int
@@ -442,7 +443,7 @@ def split_validation(checked: list[CheckedSample], fraction: float, seed: int
     return [c for c in checked if c.index not in chosen], [c for c in checked if c.index in chosen]
 
 
-def validation_timesteps(low: int, high: int, count: int = 4) -> list[int]:
+def validation_timesteps(low: int, high: int, count: int = VALIDATION_TIMESTEPS) -> list[int]:
     """kohya's fixed validation timesteps: ``count`` evenly spaced inside (low, high), ends excluded."""
     return [int(t) for t in np.linspace(low, high, count + 2, dtype=int)[1:-1]]
 

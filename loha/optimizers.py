@@ -79,6 +79,7 @@ class LayerViews:
 
     def __init__(self, groups: list[dict]):
         self.pairs = []  # (stacked Parameter, layer slot, half, view)
+        self.stacks = {}  # id → each stacked Parameter once
         self.groups = []
         for group in groups:
             params = []
@@ -94,6 +95,7 @@ class LayerViews:
                     # file order (w1a, w1b, w2a, w2b[, t1, t2]) → (stacked tensor, half)
                     where = [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1)]
                     self.pairs += [(stacked[s], slot, h, v) for (s, h), v in zip(where, views)]
+                    self.stacks.update((id(t), t) for t in stacked)
                     params += views
             self.groups.append({k: v for k, v in group.items() if k != "models"} | {"params": params})
 
@@ -101,6 +103,11 @@ class LayerViews:
         """Each view's gradient: its slice of its stack's (None where the stack has none)."""
         for stacked, slot, half, view in self.pairs:
             view.grad = None if stacked.grad is None else stacked.grad[slot, half]
+
+    def clear_stack_gradients(self):
+        """The stacks' own gradients, which the optimizer on the views never clears."""
+        for stacked in self.stacks.values():
+            stacked.grad = None
 
 
 def make(name: str, groups: list[dict], options: dict):
@@ -143,11 +150,5 @@ def make_schedule(name: str, optimizer, *, warmup_steps: int, total_steps: int, 
         raise LoHaError(f"--lr_scheduler {name}: {e}") from None
 
 
-def zero_stacked_grads(params) -> None:
-    """Clear the stored tensors' gradients (an optimizer on LayerViews clears only its views')."""
-    for p in params:
-        p.grad = None
-
-
 __all__ = ["OPTIMIZERS", "SCHEDULES", "LayerViews", "canonical", "make", "make_schedule", "optimizer_class",
-           "parse_args", "relative_step", "zero_stacked_grads"]
+           "parse_args", "relative_step"]
